@@ -1,0 +1,153 @@
+"""Settings from environment variables (12-factor).
+
+Every variable streamd reads is declared once, in :data:`VARIABLES`, with its
+default and meaning; ``docs/configuration.md`` and the deployment files are
+checked against this table by the tests, so they cannot drift.
+
+Secrets (passwords in URLs, SASL passwords) are never printed: use
+:func:`redact` on anything that may hold one before it reaches a log line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .exceptions import ConfigError
+
+__all__ = ["Settings", "Variable", "VARIABLES", "redact"]
+
+
+@dataclass(frozen=True)
+class Variable:
+    name: str
+    default: str
+    help: str
+    secret: bool = False
+
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable("STREAMD_KAFKA_BOOTSTRAP", "localhost:9092", "Kafka bootstrap servers, comma separated"),
+    Variable("STREAMD_REDIS_URL", "redis://localhost:6379/0", "Redis for frame data (rediss:// for TLS)", secret=True),
+    Variable("STREAMD_BROKER_URL", "amqp://guest:guest@localhost:5672//", "Celery broker", secret=True),
+    Variable("STREAMD_METRICS_PORT", "9100", "HTTP port for /metrics, /healthz, /readyz (0 disables)"),
+    Variable("STREAMD_FRAME_TTL_S", "60", "seconds a claim-checked payload stays in Redis"),
+    Variable("STREAMD_DRAIN_TIMEOUT_S", "30", "seconds SIGTERM waits for work in flight before exiting"),
+    Variable("STREAMD_LOG_LEVEL", "info", "debug, info, warning or error"),
+    Variable("STREAMD_LOG_FORMAT", "text", "text or json"),
+    Variable("STREAMD_GROUP_ID", "", "Kafka consumer group (default: streamd-<topology name>)"),
+    Variable("STREAMD_KAFKA_SESSION_TIMEOUT_MS", "10000", "Kafka consumer session timeout"),
+    Variable("STREAMD_KAFKA_SECURITY_PROTOCOL", "", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"),
+    Variable("STREAMD_KAFKA_SASL_MECHANISM", "", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"),
+    Variable("STREAMD_KAFKA_SASL_USERNAME", "", "SASL user name"),
+    Variable("STREAMD_KAFKA_SASL_PASSWORD", "", "SASL password", secret=True),
+    Variable("STREAMD_KAFKA_SSL_CA_LOCATION", "", "CA bundle for Kafka TLS"),
+    Variable("STREAMD_ONNX_PROVIDERS", "", "execution providers to try, e.g. tensorrt,cuda,cpu (default: per Node)"),
+    Variable("STREAMD_ONNX_THREADS", "0", "intra-op threads per worker process (0: cores / processes)"),
+    Variable("STREAMD_WORKER_CONCURRENCY", "0", "processes per worker (0: 1 for gpu, cores for cpu)"),
+    Variable("STREAMD_MODELS_DIR", "", "where relative model paths resolve (default: the topology's folder, then ./)"),
+)
+
+_BY_NAME = {v.name: v for v in VARIABLES}
+
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:@/\s]*):(?P<pw>[^@/\s]+)@")
+
+
+def redact(text: str) -> str:
+    """Mask passwords in URLs (``amqp://user:***@host``) and known secret values."""
+    out = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    pw = os.environ.get("STREAMD_KAFKA_SASL_PASSWORD")
+    if pw:
+        out = out.replace(pw, "***")
+    return out
+
+
+def _get(env: Mapping[str, str], name: str) -> str:
+    return env.get(name, _BY_NAME[name].default)
+
+
+def _int(env: Mapping[str, str], name: str, minimum: int = 0) -> int:
+    raw = _get(env, name)
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number; set it to e.g. {_BY_NAME[name].default}") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={value} is below the minimum {minimum}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str) -> float:
+    raw = _get(env, name)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number; set it to e.g. {_BY_NAME[name].default}") from None
+    if value <= 0:
+        raise ConfigError(f"{name}={value} must be above 0")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    kafka_bootstrap: str = "localhost:9092"
+    redis_url: str = "redis://localhost:6379/0"
+    broker_url: str = "amqp://guest:guest@localhost:5672//"
+    metrics_port: int = 9100
+    frame_ttl_s: float = 60.0
+    drain_timeout_s: float = 30.0
+    log_level: str = "info"
+    log_format: str = "text"
+    group_id: str = ""
+    kafka_session_timeout_ms: int = 10000
+    kafka_security: dict[str, str] = field(default_factory=dict)
+    onnx_providers: tuple[str, ...] = ()
+    onnx_threads: int = 0
+    worker_concurrency: int = 0
+    models_dir: str = ""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        level = _get(env, "STREAMD_LOG_LEVEL").lower()
+        if level not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"STREAMD_LOG_LEVEL={level!r}: use debug, info, warning or error")
+        fmt = _get(env, "STREAMD_LOG_FORMAT").lower()
+        if fmt not in ("text", "json"):
+            raise ConfigError(f"STREAMD_LOG_FORMAT={fmt!r}: use text or json")
+        security = {
+            key: _get(env, name)
+            for key, name in (
+                ("security.protocol", "STREAMD_KAFKA_SECURITY_PROTOCOL"),
+                ("sasl.mechanism", "STREAMD_KAFKA_SASL_MECHANISM"),
+                ("sasl.username", "STREAMD_KAFKA_SASL_USERNAME"),
+                ("sasl.password", "STREAMD_KAFKA_SASL_PASSWORD"),
+                ("ssl.ca.location", "STREAMD_KAFKA_SSL_CA_LOCATION"),
+            )
+            if _get(env, name)
+        }
+        providers = tuple(p.strip().lower() for p in _get(env, "STREAMD_ONNX_PROVIDERS").split(",") if p.strip())
+        return cls(
+            kafka_bootstrap=_get(env, "STREAMD_KAFKA_BOOTSTRAP"),
+            redis_url=_get(env, "STREAMD_REDIS_URL"),
+            broker_url=_get(env, "STREAMD_BROKER_URL"),
+            metrics_port=_int(env, "STREAMD_METRICS_PORT"),
+            frame_ttl_s=_float(env, "STREAMD_FRAME_TTL_S"),
+            drain_timeout_s=_float(env, "STREAMD_DRAIN_TIMEOUT_S"),
+            log_level=level,
+            log_format=fmt,
+            group_id=_get(env, "STREAMD_GROUP_ID"),
+            kafka_session_timeout_ms=_int(env, "STREAMD_KAFKA_SESSION_TIMEOUT_MS", minimum=1000),
+            kafka_security=security,
+            onnx_providers=providers,
+            onnx_threads=_int(env, "STREAMD_ONNX_THREADS"),
+            worker_concurrency=_int(env, "STREAMD_WORKER_CONCURRENCY"),
+            models_dir=_get(env, "STREAMD_MODELS_DIR"),
+        )
+
+    def kafka_config(self) -> dict[str, Any]:
+        """librdkafka settings shared by every client streamd creates."""
+        return {"bootstrap.servers": self.kafka_bootstrap, **self.kafka_security}

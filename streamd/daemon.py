@@ -1,0 +1,318 @@
+"""``streamd run``: the ingest daemon, faust-streaming agents on the topology's source topics.
+
+One agent per source topic reads events *without faust's automatic acks*
+(``stream.noack()``): faust acks an event when the agent moves on or when the
+stream is closed, even after an exception (the traps behind
+faust-streaming/faust#606 and robinhood/faust#682). Here an event is acked
+only after :meth:`streamd.ingest.Ingestor.handle` returned, i.e. after the
+payload is in Redis and its runs are on the broker (or it is dead-lettered);
+faust then commits the highest contiguous acked offset.
+
+Back-pressure: under ``overload: block`` the agent waits until the topic has
+room below ``max_in_flight``; faust's buffers fill and it stops fetching, so
+lag grows and nothing is dropped.
+
+Shutdown: SIGTERM stops the agents (``stream_wait_empty`` is off: faust's
+``wait_empty`` hangs forever on an event that is never acked) and a watchdog
+ends the process after ``STREAMD_DRAIN_TIMEOUT_S`` whatever faust is doing.
+Events not yet handed off are simply not committed: the next daemon reads them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import faust
+import redis
+from confluent_kafka import Consumer, TopicPartition
+from kombu.exceptions import KombuError
+
+from .broker import Dispatcher, make_celery
+from .config import Settings, redact
+from .dag import plan
+from .deadletters import DeadLetterSink
+from .exceptions import ServiceUnavailable, StreamdError
+from .http import Health, serve
+from .ingest import Ingestor, InMessage
+from .kafka import Publisher, ensure_topics
+from .metrics import Metrics
+from .runs import RunStore
+from .topology import Topology
+
+__all__ = ["Daemon"]
+
+log = logging.getLogger(__name__)
+
+MONITOR_INTERVAL_S = 5.0
+_INFRA_ERRORS = (StreamdError, redis.RedisError, KombuError, OSError, ConnectionError)
+
+
+class Daemon:
+    def __init__(self, topology: Topology, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.topology = topology
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.health = Health()
+        self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+        self.celery = make_celery(topology, settings)
+        self.dispatcher = Dispatcher(self.celery, topology)
+        self.publisher = Publisher(settings)
+        env = topology.node_env(settings)
+        nodes = topology.build_nodes(env)
+        self.plan = plan(topology, {n for n, node in nodes.items() if node.is_sink})
+        self.store = RunStore(self.redis, topology.name, settings.frame_ttl_s)
+        self.ingestor = Ingestor(
+            topology=topology, plan=self.plan, store=self.store, dispatch=self.dispatcher,
+            dead_letters=DeadLetterSink(topology.name, topology.sinks["dead_letter"].topic, self.publisher,
+                                        self.metrics),
+            metrics=self.metrics,
+        )
+        # One thread does the blocking hand-off I/O, so the event loop keeps heartbeating.
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="handoff")
+        self.group_id = settings.group_id or topology.group_id
+        self._stop = threading.Event()
+        self.app = self._build_app()
+
+    # -- start-up ------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Create topics and broker queues; fail early with a clear message if a service is missing."""
+        ensure_topics(self.settings, self.topology.all_topics())
+        try:
+            with self.celery.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=3)
+                for q in self.celery.conf.task_queues:
+                    q(conn.default_channel).declare()
+        except Exception as exc:
+            raise ServiceUnavailable(
+                f"Celery broker at {redact(self.settings.broker_url)} is not reachable ({exc}); "
+                "check STREAMD_BROKER_URL"
+            ) from None
+        try:
+            self.redis.ping()
+        except redis.RedisError as exc:
+            raise ServiceUnavailable(
+                f"Redis at {redact(self.settings.redis_url)} is not reachable ({exc}); check STREAMD_REDIS_URL"
+            ) from None
+
+    def _build_app(self) -> faust.App:
+        s = self.settings
+        kwargs: dict[str, Any] = {}
+        if s.kafka_security:
+            kwargs["broker_credentials"] = _faust_credentials(s.kafka_security)
+        app = faust.App(
+            self.group_id,
+            broker=",".join(f"kafka://{h}" for h in s.kafka_bootstrap.split(",")),
+            web_enabled=False,
+            stream_wait_empty=False,
+            topic_allow_declare=False,
+            topic_disable_leader=True,
+            consumer_auto_offset_reset="earliest",
+            broker_session_timeout=s.kafka_session_timeout_ms / 1000.0,
+            broker_heartbeat_interval=max(1.0, s.kafka_session_timeout_ms / 3000.0),
+            broker_commit_interval=1.0,
+            broker_max_poll_records=500,
+            stream_buffer_maxsize=1024,
+            value_serializer="raw",
+            key_serializer="raw",
+            store="memory://",
+            **kwargs,
+        )
+        for spec in self.topology.sources:
+            topic = app.topic(spec.topic, key_type=bytes, value_type=bytes, key_serializer="raw",
+                              value_serializer="raw", partitions=spec.partitions)
+            app.agent(topic, name=f"ingest.{spec.topic}", concurrency=1)(self._agent_for(spec.topic))
+        app.timer(MONITOR_INTERVAL_S)(self._monitor)
+        return app
+
+    # -- the agent -----------------------------------------------------------------
+    def _agent_for(self, topic: str) -> Any:
+        spec = self.topology.source(topic)
+        batch_max = max(1, min(self.topology.batch_max, spec.max_in_flight))
+        wait_s = self.topology.batch_wait_ms / 1000.0
+
+        async def ingest(stream: Any) -> None:
+            queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=batch_max)
+            flusher = asyncio.ensure_future(self._flusher(topic, queue, batch_max, wait_s))
+            flusher.add_done_callback(_crash_on_error)
+            try:
+                async for event in stream.noack().events():
+                    await queue.put(event)
+            finally:
+                flusher.cancel()
+
+        ingest.__name__ = f"ingest_{topic.replace('.', '_').replace('-', '_')}"
+        return ingest
+
+    async def _flusher(self, topic: str, queue: asyncio.Queue[Any], batch_max: int, wait_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            events = [await queue.get()]
+            deadline = loop.time() + wait_s
+            while len(events) < batch_max:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    events.append(await asyncio.wait_for(queue.get(), remaining))
+                except TimeoutError:
+                    break
+            await self._handoff(topic, events)
+
+    async def _handoff(self, topic: str, events: list[Any]) -> None:
+        loop = asyncio.get_running_loop()
+        msgs = [InMessage(e.message.topic, e.message.partition, e.message.offset, e.key, e.value) for e in events]
+        if self.topology.source(topic).overload == "block":
+            await self._wait_room(topic, len(msgs))
+        delay = 0.2
+        while True:
+            try:
+                await loop.run_in_executor(self.pool, self.ingestor.handle, msgs)
+                break
+            except _INFRA_ERRORS as exc:
+                log.error("hand-off of %d message(s) from %s failed, retrying in %.1f s: %s", len(msgs), topic,
+                          delay, redact(f"{type(exc).__name__}: {exc}"))
+                self.health.set("redis", False, f"hand-off failing: {exc}")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        for e in events:
+            e.ack()
+
+    async def _wait_room(self, topic: str, n: int) -> None:
+        loop = asyncio.get_running_loop()
+        delay = 0.005
+        stale_after = self.settings.frame_ttl_s * 2
+        waited = 0.0
+        while True:
+            try:
+                room = await loop.run_in_executor(self.pool, self.ingestor.room, topic)
+            except _INFRA_ERRORS as exc:
+                log.error("cannot read in-flight count for %s: %s", topic, exc)
+                room = 0
+            if room >= n:
+                return
+            await asyncio.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 0.25)
+            if waited > 5.0:  # entries of runs whose payload expired long ago cannot block forever
+                await loop.run_in_executor(self.pool, self.store.prune, topic, stale_after)
+                waited = 0.0
+
+    # -- monitoring ----------------------------------------------------------------
+    async def _monitor(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.refresh_gauges)
+
+    def refresh_gauges(self) -> None:
+        m, name = self.metrics, self.topology.name
+        self.health.beat = time.time()
+        if self.health.check("redis", self.redis.ping):
+            keys, size = self.store.store_size()
+            m.frame_store_keys.labels(name).set(keys)
+            m.frame_store_bytes.labels(name).set(size)
+            for spec in self.topology.sources:
+                m.frames_in_flight.labels(name, spec.topic).set(self.store.in_flight(spec.topic))
+        try:
+            for queue, depth in self.dispatcher.queue_depths().items():
+                m.queue_depth.labels(self.topology.celery_queue(queue)).set(depth)
+            self.health.set("broker", True, "ok")
+        except Exception as exc:
+            self.health.set("broker", False, f"{type(exc).__name__}: {exc}")
+        try:
+            for (topic, partition), lag in consumer_lag(self.settings, self.group_id, self.topology).items():
+                m.kafka_consumer_lag.labels(topic, str(partition)).set(lag)
+            self.health.set("kafka", True, "ok")
+        except Exception as exc:
+            self.health.set("kafka", False, f"{type(exc).__name__}: {exc}")
+
+    # -- running -------------------------------------------------------------------
+    def run(self) -> int:
+        self.prepare()
+        serve(self.settings.metrics_port, self.metrics.registry, self.health)
+        threading.Thread(target=self._first_check, daemon=True).start()
+        worker = _Worker(self.app, loglevel=self.settings.log_level, drain_timeout_s=self.settings.drain_timeout_s,
+                         quiet=True, redirect_stdouts=False, override_logging=False)
+        log.info("streamd daemon for %s: group %s, sources %s", self.topology.name, self.group_id,
+                 ", ".join(s.topic for s in self.topology.sources))
+        worker.execute_from_commandline()
+        return 0
+
+    def _first_check(self) -> None:
+        try:
+            self.refresh_gauges()
+        except Exception:
+            log.exception("first readiness check failed")
+
+
+class _Worker(faust.Worker):
+    """faust's worker with a bounded drain: SIGTERM starts a watchdog that ends the process."""
+
+    def __init__(self, *args: Any, drain_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.drain_timeout_s = drain_timeout_s
+
+    def _on_sigterm(self) -> None:
+        log.info("SIGTERM: draining (at most %.0f s)", self.drain_timeout_s)
+        _start_watchdog(self.drain_timeout_s)
+        super()._on_sigterm()
+
+    def _on_sigint(self) -> None:
+        _start_watchdog(self.drain_timeout_s)
+        super()._on_sigint()
+
+
+def _start_watchdog(timeout_s: float) -> None:
+    def expire() -> None:
+        time.sleep(timeout_s)
+        log.error("drain did not finish within %.0f s; exiting (uncommitted input is read again on restart)",
+                  timeout_s)
+        logging.shutdown()
+        os._exit(3)
+
+    threading.Thread(target=expire, name="drain-watchdog", daemon=True).start()
+
+
+def _crash_on_error(fut: asyncio.Future[Any]) -> None:
+    if fut.cancelled():
+        return
+    exc = fut.exception()
+    if exc is not None:
+        log.critical("ingest loop died: %r; stopping the daemon so that it restarts cleanly", exc, exc_info=exc)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def consumer_lag(settings: Settings, group_id: str, topology: Topology) -> dict[tuple[str, int], int]:
+    """High watermark minus committed offset for every partition of the source topics."""
+    c = Consumer({**settings.kafka_config(), "group.id": group_id, "enable.auto.commit": False,
+                  "session.timeout.ms": settings.kafka_session_timeout_ms})
+    try:
+        tps = [TopicPartition(s.topic, p) for s in topology.sources for p in range(s.partitions)]
+        committed = c.committed(tps, timeout=10)
+        lag = {}
+        for tp in committed:
+            low, high = c.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10, cached=False)
+            start = tp.offset if tp.offset >= 0 else low
+            lag[(tp.topic, tp.partition)] = max(0, high - start)
+        return lag
+    finally:
+        c.close()
+
+
+def _faust_credentials(security: dict[str, str]) -> Any:
+    import ssl
+
+    protocol = security.get("security.protocol", "").upper()
+    ctx = None
+    if "SSL" in protocol:
+        ctx = ssl.create_default_context(cafile=security.get("ssl.ca.location") or None)
+    if protocol.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=security.get("sasl.username"), password=security.get("sasl.password"),
+            mechanism=security.get("sasl.mechanism", "PLAIN"), ssl_context=ctx,
+        )
+    return ctx

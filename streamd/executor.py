@@ -1,0 +1,191 @@
+"""Runs one stage of the DAG for one batch of runs (the body of the Celery task).
+
+1. Inputs: a root stage reads the raw inputs from Redis (claim check) and
+   decodes them; a later stage reads its parent stages' outputs.
+2. The stage's Nodes run in order, on the whole batch (``process_batch``).
+   A Node that fails on the batch is retried run by run, so one bad input
+   does not take its neighbours down: :class:`BadInput` dead-letters that run
+   at once; any other exception makes the task retry (see :class:`Retry`),
+   and once retries are spent the runs that still fail are dead-lettered
+   with reason ``node_failed`` (``publish_failed`` for a sink).
+3. Outputs go to Redis; each child stage is dispatched (joins dispatch once
+   all their parents are done); a sink stage ends the runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from . import tp
+from .dag import Plan, Stage
+from .deadletters import DeadLetter, DeadLetterSink
+from .exceptions import BadInput, StreamdError
+from .nodes.base import SOURCE, Node, RunContext
+from .runs import Batch, RunStore
+
+__all__ = ["StageExecutor", "Retry"]
+
+log = logging.getLogger(__name__)
+
+#: dispatch(stage, batch) sends a stage task for a batch.
+Dispatch = Callable[[Stage, Batch], None]
+
+
+class Retry(Exception):
+    """Some runs failed in a way that may pass on a later attempt."""
+
+    def __init__(self, cause: BaseException, node: str) -> None:
+        super().__init__(f"node {node!r}: {type(cause).__name__}: {cause}")
+        self.cause = cause
+        self.node = node
+
+
+class StageExecutor:
+    def __init__(self, *, topology: str, plan: Plan, nodes: Mapping[str, Node], store: RunStore,
+                 dead_letters: DeadLetterSink, dispatch: Dispatch, metrics: Any = None) -> None:
+        self.topology = topology
+        self.plan = plan
+        self.nodes = nodes
+        self.store = store
+        self.dead_letters = dead_letters
+        self.dispatch = dispatch
+        self.metrics = metrics
+        self._ready: set[str] = set()
+
+    def setup(self, queues: Sequence[str] | None = None) -> None:
+        """Load (and warm up) the Nodes of the stages on ``queues`` (all when None)."""
+        for stage in self.plan.stages.values():
+            if queues is None or stage.queue in queues:
+                for n in stage.nodes:
+                    self._node(n)
+
+    def _node(self, node_id: str) -> Node:
+        node = self.nodes[node_id]
+        if node_id not in self._ready:
+            node.setup()
+            self._ready.add(node_id)
+        return node
+
+    # -- the task body -------------------------------------------------------------
+    def run(self, stage_id: str, batch: Batch, *, final_attempt: bool, redelivered: bool = False) -> None:
+        stage = self.plan.stages[stage_id]
+        runs, inputs, letters = self._inputs(stage, batch)
+        for node_id in stage.nodes:
+            if not runs:
+                break
+            runs, outs, failed = self._call(node_id, runs, inputs, final_attempt=final_attempt)
+            letters += failed
+            inputs = [{node_id: o} for o in outs]
+        if letters:
+            self.dead_letters.publish(letters)
+            self.store.finish([r for r in batch.runs if r.run_id in {_run_id(d, batch) for d in letters}])
+        if not runs:
+            return
+        alive = batch.only({r.run_id for r in runs})
+        if stage.children:
+            self.store.put_output(batch.batch_id, stage.id, {r.run_id: i[stage.tail] for r, i in
+                                                              zip(runs, inputs, strict=True)})
+            for child_id in stage.children:
+                child = self.plan.stages[child_id]
+                if self.store.join_ready(batch.batch_id, child.id, stage.id, len(child.parents),
+                                         redelivered=redelivered):
+                    self.dispatch(child, alive)
+        if stage.has_sink and self.store.sinks_done(batch.batch_id, stage.id, len(self.plan.sink_stages)):
+            self.store.finish(runs)
+            self.store.forget_batch(batch.batch_id, self.plan.order)
+
+    # -- steps ---------------------------------------------------------------------
+    def _inputs(self, stage: Stage, batch: Batch) -> tuple[list[RunContext], list[dict[str, Any]], list[DeadLetter]]:
+        runs: list[RunContext] = []
+        inputs: list[dict[str, Any]] = []
+        letters: list[DeadLetter] = []
+        missing: list[RunContext] = []
+        if stage.is_root:
+            for run, raw in zip(batch.runs, self.store.frames([r.run_id for r in batch.runs]), strict=True):
+                if raw is None:
+                    missing.append(run)
+                    continue
+                try:
+                    msg = tp.decode(raw)
+                except StreamdError as exc:  # validated at ingest; only a corrupted store gets here
+                    letters.append(DeadLetter(run.origin, exc.reason, str(exc), stage.head, run.source))
+                    continue
+                runs.append(run)
+                inputs.append({SOURCE: msg})
+        else:
+            parent_stages = [self.plan.stage_of(n).id for n in stage.input_nodes]
+            outputs = self.store.outputs(batch.batch_id, parent_stages)
+            for run in batch.runs:
+                if any(o is None for o in outputs):
+                    missing.append(run)
+                elif all(run.run_id in o for o in outputs if o is not None):
+                    runs.append(run)
+                    inputs.append({n: o[run.run_id] for n, o in zip(stage.input_nodes, outputs, strict=True)
+                                   if o is not None})
+                # else: a parent dead-lettered this run already
+        if missing:
+            shed = self.store.dropped([r.run_id for r in missing])
+            expired = [r for r in missing if r.run_id not in shed]
+            for run in expired:
+                letters.append(DeadLetter(
+                    run.origin, "frame_expired",
+                    f"payload of run {run.run_id} left Redis before stage {stage.id!r} ran "
+                    f"(STREAMD_FRAME_TTL_S too short for the backlog, or Redis evicted it); the input is lost",
+                    stage.head, run.source))
+            if expired and self.metrics is not None:
+                self.metrics.frames_expired.labels(self.topology).inc(len(expired))
+        return runs, inputs, letters
+
+    def _call(self, node_id: str, runs: list[RunContext], inputs: list[dict[str, Any]], *,
+              final_attempt: bool) -> tuple[list[RunContext], list[Any], list[DeadLetter]]:
+        node = self._node(node_id)
+        t0 = time.perf_counter()
+        try:
+            outs = node.process_batch(runs, inputs)
+            ok_runs = runs
+            letters: list[DeadLetter] = []
+        except Exception as batch_exc:  # isolate the failing run(s)
+            if len(runs) == 1:
+                ok_runs, outs, letters = self._one_by_one(node, runs, inputs, final_attempt, first=batch_exc)
+            else:
+                ok_runs, outs, letters = self._one_by_one(node, runs, inputs, final_attempt)
+        if self.metrics is not None:
+            self.metrics.node_duration.labels(self.topology, node_id).observe(time.perf_counter() - t0)
+        return ok_runs, outs, letters
+
+    def _one_by_one(self, node: Node, runs: list[RunContext], inputs: list[dict[str, Any]], final_attempt: bool,
+                    first: BaseException | None = None) -> tuple[list[RunContext], list[Any], list[DeadLetter]]:
+        ok_runs: list[RunContext] = []
+        outs: list[Any] = []
+        letters: list[DeadLetter] = []
+        for run, inp in zip(runs, inputs, strict=True):
+            try:
+                if first is not None:
+                    raise first
+                out = node.process(run, inp)
+            except BadInput as exc:
+                letters.append(DeadLetter(run.origin, exc.reason, str(exc), node.node_id, run.source))
+                continue
+            except Exception as exc:
+                if not final_attempt:
+                    raise Retry(exc, node.node_id) from exc
+                reason = exc.reason if isinstance(exc, StreamdError) and not isinstance(exc, BadInput) else None
+                reason = reason if reason and reason != "internal_error" else (
+                    "publish_failed" if node.is_sink else "node_failed")
+                log.exception("node %s failed on %s after its retries", node.node_id, run.origin)
+                letters.append(DeadLetter(run.origin, reason, f"{type(exc).__name__}: {exc} (retries spent)",
+                                          node.node_id, run.source))
+                continue
+            ok_runs.append(run)
+            outs.append(out)
+        return ok_runs, outs, letters
+
+
+def _run_id(letter: DeadLetter, batch: Batch) -> str:
+    for r in batch.runs:
+        if r.origin == letter.origin:
+            return r.run_id
+    return ""

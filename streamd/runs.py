@@ -1,0 +1,196 @@
+"""Runs in Redis: the claim check, stage outputs, fan-in joins and completion.
+
+One input message is one *run*; runs travel between stages in *batches*
+(one Celery message carries up to ``batch.max_size`` runs). Redis holds the
+data: the raw input under ``frame:<run_id>`` and each stage's outputs under
+``out:<batch_id>:<stage>`` (a map run_id -> output), all with the frame TTL.
+The Celery message holds only ids and the small run context.
+
+Joins: a stage with several parent stages runs when the last parent adds
+itself to ``join:<batch_id>:<stage>`` (a Redis set, so a parent that is run
+twice after a crash is counted once). ``inflight:<topic>`` (a sorted set by
+ingest time) holds the runs handed off but not finished: the backpressure
+limit and the in-flight gauge read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from .keys import Keys
+from .nodes.base import Origin, RunContext
+from .values import pack_value, unpack_value
+
+__all__ = ["Batch", "RunStore", "run_id_for", "batch_id_for", "member", "parse_member"]
+
+
+def run_id_for(topology: str, origin: Origin) -> str:
+    """Deterministic: the same input message always gets the same run id."""
+    text = f"{topology}\x1f{origin.topic}\x1f{origin.partition}\x1f{origin.offset}"
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def member(run: RunContext) -> str:
+    """In-flight set member: enough to dead-letter the run without reading anything else."""
+    return f"{run.run_id}|{run.origin.partition}|{run.origin.offset}|{run.source or ''}"
+
+
+def parse_member(topic: str, value: bytes | str) -> tuple[str, Origin, str | None]:
+    text = value.decode() if isinstance(value, bytes) else value
+    run_id, partition, offset, source = text.split("|", 3)
+    return run_id, Origin(topic, int(partition), int(offset)), source or None
+
+
+def batch_id_for(run_ids: Iterable[str]) -> str:
+    return hashlib.sha256("\x1f".join(run_ids).encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Runs that travel together through the stages."""
+
+    batch_id: str
+    runs: tuple[RunContext, ...]
+
+    @classmethod
+    def of(cls, runs: Sequence[RunContext]) -> Batch:
+        return cls(batch_id_for(r.run_id for r in runs), tuple(runs))
+
+    def message(self) -> dict[str, Any]:
+        return {"batch_id": self.batch_id, "runs": [r.as_dict() for r in self.runs]}
+
+    @classmethod
+    def from_message(cls, msg: Mapping[str, Any]) -> Batch:
+        return cls(str(msg["batch_id"]), tuple(RunContext.from_dict(r) for r in msg["runs"]))
+
+    def only(self, run_ids: set[str]) -> Batch:
+        """The same batch (same id, so joins still meet) with fewer runs."""
+        return Batch(self.batch_id, tuple(r for r in self.runs if r.run_id in run_ids))
+
+
+class RunStore:
+    def __init__(self, client: redis.Redis, topology: str, ttl_s: float) -> None:
+        self.r = client
+        self.keys = Keys(topology)
+        self.ttl_ms = int(ttl_s * 1000)
+
+    # -- ingest side ---------------------------------------------------------------
+    def admit(self, items: Sequence[tuple[RunContext, bytes]]) -> None:
+        """Store payloads (claim check) and mark the runs in flight, in one round trip."""
+        now = time.time()
+        pipe = self.r.pipeline(transaction=False)
+        for run, raw in items:
+            pipe.set(self.keys.frame(run.run_id), raw, px=self.ttl_ms)
+            pipe.zadd(self.keys.inflight(run.origin.topic), {member(run): now})
+            pipe.hset(self.keys.bytes(), run.run_id, len(raw))
+        pipe.execute()
+
+    def in_flight(self, topic: str) -> int:
+        return int(self.r.zcard(self.keys.inflight(topic)))
+
+    def prune(self, topic: str, older_than_s: float) -> list[str]:
+        """Forget in-flight entries older than ``older_than_s`` (their payload has expired)."""
+        key = self.keys.inflight(topic)
+        cutoff = time.time() - older_than_s
+        stale = list(self.r.zrangebyscore(key, "-inf", cutoff))
+        if stale:
+            pipe = self.r.pipeline(transaction=False)
+            pipe.zrem(key, *stale)
+            pipe.hdel(self.keys.bytes(), *[parse_member(topic, m)[0] for m in stale])
+            pipe.execute()
+        return [parse_member(topic, m)[0] for m in stale]
+
+    def pop_oldest(self, topic: str, n: int) -> list[tuple[str, Origin, str | None]]:
+        """Take the ``n`` oldest in-flight runs of a topic out, tombstone them and free their payload.
+
+        Returns (run_id, origin, source) of each, for its dead letter."""
+        popped = [parse_member(topic, m) for m, _ in self.r.zpopmin(self.keys.inflight(topic), n)]
+        ids = [p[0] for p in popped]
+        if ids:
+            pipe = self.r.pipeline(transaction=False)
+            for rid in ids:
+                pipe.set(self.keys.dropped(rid), b"1", px=self.ttl_ms * 2)
+                pipe.delete(self.keys.frame(rid))
+            pipe.hdel(self.keys.bytes(), *ids)
+            pipe.execute()
+        return popped
+
+    def store_size(self) -> tuple[int, int]:
+        """(payload keys, payload bytes) held for this topology."""
+        values = self.r.hvals(self.keys.bytes())
+        return len(values), sum(int(v) for v in values)
+
+    # -- worker side ---------------------------------------------------------------
+    def frames(self, run_ids: Sequence[str]) -> list[bytes | None]:
+        if not run_ids:
+            return []
+        return list(self.r.mget([self.keys.frame(r) for r in run_ids]))
+
+    def dropped(self, run_ids: Sequence[str]) -> set[str]:
+        """Which of these runs were shed by the overload policy (already dead-lettered as dropped)."""
+        if not run_ids:
+            return set()
+        pipe = self.r.pipeline(transaction=False)
+        for rid in run_ids:
+            pipe.exists(self.keys.dropped(rid))
+        return {rid for rid, hit in zip(run_ids, pipe.execute(), strict=True) if hit}
+
+    def put_output(self, batch_id: str, stage: str, outputs: Mapping[str, Any]) -> None:
+        self.r.set(self.keys.output(batch_id, stage), pack_value(dict(outputs)), px=self.ttl_ms)
+
+    def outputs(self, batch_id: str, stages: Sequence[str]) -> list[dict[str, Any] | None]:
+        raw = self.r.mget([self.keys.output(batch_id, s) for s in stages])
+        return [None if v is None else unpack_value(v) for v in raw]
+
+    def join_ready(self, batch_id: str, stage: str, parent: str, n_parents: int, *, redelivered: bool) -> bool:
+        """Record ``parent`` as done for a join stage; True when this call completes the join.
+
+        Exactly one parent sees True in normal running. A redelivered parent
+        (its worker died mid-task) also sees True once the join is complete, so
+        a crash between recording and dispatching cannot strand the run; that
+        may run the join stage twice, which at-least-once allows.
+        """
+        if n_parents <= 1:
+            return True
+        key = self.keys.join(batch_id, stage)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.sadd(key, parent)
+        pipe.scard(key)
+        pipe.pexpire(key, self.ttl_ms)
+        added, count, _ = pipe.execute()
+        return bool(count >= n_parents and (added or redelivered))
+
+    def finish(self, runs: Sequence[RunContext]) -> None:
+        """Runs that ended (published or dead-lettered): free their payload and in-flight slot."""
+        if not runs:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for run in runs:
+            pipe.zrem(self.keys.inflight(run.origin.topic), member(run))
+            pipe.delete(self.keys.frame(run.run_id))
+        pipe.hdel(self.keys.bytes(), *[r.run_id for r in runs])
+        pipe.execute()
+
+    def sinks_done(self, batch_id: str, sink_stage: str, n_sinks: int) -> bool:
+        if n_sinks <= 1:
+            return True
+        key = self.keys.done(batch_id)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.sadd(key, sink_stage)
+        pipe.scard(key)
+        pipe.pexpire(key, self.ttl_ms)
+        _, count, _ = pipe.execute()
+        return bool(count >= n_sinks)
+
+    def forget_batch(self, batch_id: str, stages: Iterable[str]) -> None:
+        keys = []
+        for s in stages:
+            keys += [self.keys.output(batch_id, s), self.keys.join(batch_id, s)]
+        keys.append(self.keys.done(batch_id))
+        self.r.delete(*keys)

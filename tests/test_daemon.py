@@ -1,0 +1,136 @@
+"""End to end against real services: tansu (Kafka protocol), Redis, RabbitMQ, and streamd processes
+(`streamd run` and one `streamd worker` per queue) as subprocesses."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from streamd import tp
+from streamd.config import Settings
+from streamd.kafka import ensure_topics
+
+from .support import Procs, TopicReader, camera_frames, frame_message, make_topology, produce, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Pipeline:
+    bootstrap: str
+    topology: dict
+    path: Path
+    procs: Procs
+
+    @property
+    def source(self) -> str:
+        return self.topology["sources"][0]["topic"]
+
+    def sink(self, name: str) -> str:
+        return self.topology["sinks"][name]["topic"]
+
+    def reader(self, sink: str) -> TopicReader:
+        return TopicReader(self.bootstrap, self.sink(sink), self.topology["sinks"][sink]["partitions"])
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str, redis_url: str,
+             broker_url: str) -> Iterator[Pipeline]:
+    tmp = tmp_path_factory.mktemp("e2e")
+    path, topo = make_topology(tmp)
+    env = {"STREAMD_KAFKA_BOOTSTRAP": kafka_bootstrap, "STREAMD_REDIS_URL": redis_url,
+           "STREAMD_BROKER_URL": broker_url, "STREAMD_KAFKA_SESSION_TIMEOUT_MS": "6000",
+           "STREAMD_METRICS_PORT": "0", "STREAMD_ONNX_THREADS": "1"}
+    settings = Settings.from_env(env)
+    ensure_topics(settings, {s["topic"]: s["partitions"] for s in topo["sources"]}
+                  | {s["topic"]: s["partitions"] for s in topo["sinks"].values()})
+    procs = Procs(tmp, env)
+    procs.start("worker-gpu", "worker", str(path), "--queues", "gpu")
+    procs.start("worker-cpu", "worker", str(path), "--queues", "cpu", "--concurrency", "2")
+    procs.start("daemon", "run", str(path))
+    try:
+        yield Pipeline(kafka_bootstrap, topo, path, procs)
+    finally:
+        procs.stop_all()
+        if os.environ.get("STREAMD_TEST_SHOW_LOGS"):
+            print(procs.logs())
+
+
+def test_frames_from_three_cameras_yield_one_result_each_and_anomalies_for_defects(pipeline: Pipeline) -> None:
+    frames = list(camera_frames(300, cameras=3, defect_every=10))
+    offsets = produce(pipeline.bootstrap, pipeline.source,
+                      [(src.encode(), frame_message(src, seq, img)) for src, seq, img, _ in frames])
+    sent = {(p, o): (src, seq, defect) for (p, o), (src, seq, _, defect) in zip(offsets, frames, strict=True)}
+    assert sum(1 for f in frames if f[3]) == 30
+
+    results = pipeline.reader("results")
+    try:
+        got = results.until(lambda ms: len(ms) >= 300, timeout=240, what="300 results")
+    except AssertionError:
+        print(pipeline.procs.logs())
+        raise
+    assert len(got) == 300
+    assert len({r["event_id"] for r in got}) == 300
+    by_origin = {(r["origin"]["partition"], r["origin"]["offset"]): r for r in got}
+    assert set(by_origin) == set(sent)
+    for where, r in by_origin.items():
+        src, seq, defect = sent[where]
+        assert r["kind"] == "result" and r["origin"]["topic"] == pipeline.source
+        assert (r["source"], r["seq"]) == (src, seq)
+        assert r["event_id"] == tp.event_id(pipeline.source, where[0], where[1], "publish")
+        assert r["anomaly"] == (defect is not None), (where, defect, r["score"], r["threshold"])
+        assert r["model"]["name"] == "surface-ae"
+        assert r["_kafka"]["key"] == src.encode()
+        if defect:
+            assert r["regions"], r
+
+    anomalies = pipeline.reader("anomalies")
+    flagged = anomalies.until(lambda ms: len(ms) >= 30, timeout=60, what="30 anomaly events")
+    assert {(a["origin"]["partition"], a["origin"]["offset"]) for a in flagged} == \
+        {w for w, (_, _, d) in sent.items() if d}
+    assert all(a["kind"] == "anomaly" for a in flagged)
+
+
+def test_malformed_input_is_dead_lettered_and_neighbours_processed(pipeline: Pipeline) -> None:
+    good = list(camera_frames(6, cameras=1, defect_every=1000, seed=5))
+    corrupt = {"tp": 1, "kind": "frame", "source": "line1-cam00", "seq": 999, "ts": 1.0, "codec": "jpeg",
+               "data": b"\xff\xd8\xff\xe0 this is not a jpeg"}
+    missing = {"tp": 1, "kind": "frame", "source": "line1-cam00", "ts": 1.0, "codec": "png", "data": b"x"}
+    wrong_version = {"tp": 2, "kind": "frame", "source": "line1-cam00", "seq": 1, "ts": 1.0, "codec": "png",
+                     "data": b"x"}
+    items = [
+        (b"line1-cam00", frame_message(*good[0][:3])),
+        (b"line1-cam00", b"\xc1\xc1 definitely not msgpack"),
+        (b"line1-cam00", frame_message(*good[1][:3])),
+        (b"line1-cam00", tp.pack(wrong_version)),
+        (b"line1-cam00", frame_message(*good[2][:3])),
+        (b"line1-cam00", tp.pack(corrupt)),
+        (b"line1-cam00", frame_message(*good[3][:3])),
+        (b"line1-cam00", tp.pack(missing)),
+        (b"line1-cam00", frame_message(*good[4][:3])),
+    ]
+    offsets = produce(pipeline.bootstrap, pipeline.source, items)
+    expected_bad = {offsets[1]: ("undecodable", "ingest"), offsets[3]: ("unsupported_version", "ingest"),
+                    offsets[5]: ("bad_image", "decode"), offsets[7]: ("schema_violation", "ingest")}
+    expected_good = {offsets[i] for i in (0, 2, 4, 6, 8)}
+
+    dlq = pipeline.reader("dead_letter")
+    results = pipeline.reader("results")
+
+    def letters() -> dict:
+        return {(d["origin"]["partition"], d["origin"]["offset"]): d for d in dlq.poll()
+                if d["origin"]["topic"] == pipeline.source}
+
+    wait_for(lambda: set(expected_bad) <= set(letters()), timeout=120, what="4 dead letters")
+    found = letters()
+    for where, (reason, stage) in expected_bad.items():
+        d = found[where]
+        assert d["kind"] == "error" and d["reason"] == reason and d["stage"] == stage, d
+        assert d["detail"]
+    assert "seq" in found[offsets[7]]["detail"]
+    wait_for(lambda: expected_good <= {(r["origin"]["partition"], r["origin"]["offset"]) for r in results.poll()},
+             timeout=120, what="the good frames around the bad ones")
