@@ -44,6 +44,7 @@ from .ingest import Ingestor, InMessage
 from .kafka import Publisher, ensure_topics
 from .metrics import Metrics
 from .runs import RunStore
+from .shutdown import start_drain_watchdog
 from .topology import Topology
 
 __all__ = ["Daemon"]
@@ -257,24 +258,12 @@ class _Worker(faust.Worker):
         self.drain_timeout_s = drain_timeout_s
 
     def _on_sigterm(self) -> None:
-        log.info("SIGTERM: draining (at most %.0f s)", self.drain_timeout_s)
-        _start_watchdog(self.drain_timeout_s)
+        start_drain_watchdog(self.drain_timeout_s, what="daemon")
         super()._on_sigterm()
 
     def _on_sigint(self) -> None:
-        _start_watchdog(self.drain_timeout_s)
+        start_drain_watchdog(self.drain_timeout_s, what="daemon")
         super()._on_sigint()
-
-
-def _start_watchdog(timeout_s: float) -> None:
-    def expire() -> None:
-        time.sleep(timeout_s)
-        log.error("drain did not finish within %.0f s; exiting (uncommitted input is read again on restart)",
-                  timeout_s)
-        logging.shutdown()
-        os._exit(3)
-
-    threading.Thread(target=expire, name="drain-watchdog", daemon=True).start()
 
 
 def _crash_on_error(fut: asyncio.Future[Any]) -> None:

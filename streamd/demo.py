@@ -23,7 +23,6 @@ import time
 import uuid
 from pathlib import Path
 
-
 import numpy as np
 import redis
 from confluent_kafka import Consumer, Producer, TopicPartition
@@ -183,13 +182,13 @@ class Demo:
 
     def shutdown(self) -> None:
         self.stop.set()
-        for name, proc in reversed(self.children):
+        for _, proc in reversed(self.children):
             if proc.poll() is None:
                 try:
                     os.killpg(proc.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     continue
-        for name, proc in reversed(self.children):
+        for _, proc in reversed(self.children):
             try:
                 proc.wait(20)
             except subprocess.TimeoutExpired:

@@ -73,6 +73,11 @@ class StageExecutor:
     def run(self, stage_id: str, batch: Batch, *, final_attempt: bool, redelivered: bool = False) -> None:
         stage = self.plan.stages[stage_id]
         runs, inputs, letters = self._inputs(stage, batch)
+        if stage.has_sink and runs:  # runs shed by drop_oldest meanwhile already have their dead letter
+            shed = self.store.dropped([r.run_id for r in runs])
+            if shed:
+                keep = [i for i, r in enumerate(runs) if r.run_id not in shed]
+                runs, inputs = [runs[i] for i in keep], [inputs[i] for i in keep]
         for node_id in stage.nodes:
             if not runs:
                 break

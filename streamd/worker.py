@@ -29,6 +29,7 @@ from .executor import Retry, StageExecutor
 from .kafka import Publisher
 from .metrics import Metrics
 from .runs import Batch, RunStore
+from .shutdown import start_drain_watchdog
 from .topology import Topology
 
 __all__ = ["WorkerRuntime", "build_worker_app", "run_worker", "choose_pool"]
@@ -104,6 +105,12 @@ def build_worker_app(topology: Topology, settings: Settings, queues: list[str],
     @signals.worker_process_init.connect(weak=False)
     def _init_process(**_: Any) -> None:  # prefork child: load and warm up the models now
         runtime.executor()
+
+    @signals.worker_shutting_down.connect(weak=False)
+    def _bounded_drain(**_: Any) -> None:
+        # Celery's warm shutdown waits for running tasks without a bound; tasks not finished
+        # by then stay unacknowledged and the broker redelivers them to another worker.
+        start_drain_watchdog(settings.drain_timeout_s, what="worker")
 
     return app, runtime
 

@@ -139,6 +139,11 @@ class TopicReader:
         self.c.close()
 
 
+def topics_of(topo: dict) -> dict[str, int]:
+    return {s["topic"]: s["partitions"] for s in topo["sources"]} | {
+        s["topic"]: s["partitions"] for s in topo["sinks"].values()}
+
+
 class Procs:
     """streamd subprocesses of one test, with their logs; all are stopped at teardown."""
 
@@ -168,6 +173,18 @@ class Procs:
 
     def stop(self, name: str, timeout: float = 20.0) -> int | None:
         return stop(self.procs[name], timeout=timeout)
+
+    def start_pipeline(self, path: Path, *, daemon: bool = True, workers: bool = True,
+                       env: dict[str, str] | None = None) -> None:
+        """One worker per queue (cpu with two processes) and the daemon."""
+        if workers:
+            self.start_workers(path, env=env)
+        if daemon:
+            self.start("daemon", "run", str(path), env=env)
+
+    def start_workers(self, path: Path, *, env: dict[str, str] | None = None) -> None:
+        self.start("worker-gpu", "worker", str(path), "--queues", "gpu", env=env)
+        self.start("worker-cpu", "worker", str(path), "--queues", "cpu", "--concurrency", "2", env=env)
 
     def stop_all(self) -> None:
         for proc in self.procs.values():
