@@ -95,7 +95,7 @@ def to_model_input(image: np.ndarray, size: int = 128) -> np.ndarray:
         g = img.astype(np.float32)
     g = g.astype(np.float32)
     if g.shape != (size, size):
-        g = np.asarray(Image.fromarray(g, mode="F").resize((size, size), Image.BILINEAR))
+        g = np.asarray(Image.fromarray(g, mode="F").resize((size, size), Image.Resampling.BILINEAR))
     return (g / 255.0).astype(np.float32)[None]
 
 
@@ -106,15 +106,34 @@ def camera_set(
     size: tuple[int, int] = (128, 128),
     channels: int = 1,
     kinds: Sequence[str] = synth.DEFECT_KINDS,
+    jpeg_quality: int | None = None,
 ) -> tuple[np.ndarray, list[str | None]]:
-    """A labelled set of model inputs float32 [N, 1, 128, 128], normal first then each defect kind."""
+    """A labelled set of model inputs float32 [N, 1, 128, 128], normal first then each defect kind.
+
+    With ``jpeg_quality``, each frame goes through a JPEG encode/decode first, as frames sent
+    with ``codec: jpeg`` do.
+    """
     rng = np.random.default_rng(seed)
     labels: list[str | None] = [None] * n_normal + [k for k in kinds for _ in range(n_per_defect)]
     x = np.empty((len(labels), 1, 128, 128), dtype=np.float32)
     for i, lab in enumerate(labels):
         img, _ = synth.camera_frame(rng, lab, size=size, channels=channels)
+        if jpeg_quality is not None:
+            img = _jpeg_roundtrip(img, jpeg_quality)
         x[i] = to_model_input(img)
     return x, labels
+
+
+def _jpeg_roundtrip(img: np.ndarray, quality: int) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img).save(buf, format="JPEG", quality=quality)
+    with Image.open(io.BytesIO(buf.getvalue())) as decoded:
+        out = np.asarray(decoded)
+    return out[:, :, None] if out.ndim == 2 else out
 
 
 def sensor_set(

@@ -280,9 +280,7 @@ def sensor_window(
     # broadband: white sensor noise + a structural resonance rung by random forcing
     x = rng.normal(0.0, 0.03, n)
     force = rng.normal(0.0, math.sqrt(5000.0 / rate_hz), n)  # same force spectrum at any sampling rate
-    x += _resonance(force, rng.uniform(600, 1000), rng.uniform(0.02, 0.05), rate_hz) * rng.uniform(
-        0.02, 0.04
-    )
+    x += _resonance(force, rng.uniform(600, 1000), rng.uniform(0.02, 0.05), rate_hz) * rng.uniform(0.02, 0.04)
     # sometimes a steady electrical / process tone unrelated to the shaft
     tone = rng.uniform(0.01, 0.04) * np.sin(2 * math.pi * rng.choice([50.0, 100.0, 120.0, 300.0]) * t)
     if rng.random() < 0.5:
@@ -296,16 +294,16 @@ def sensor_window(
         for k in range(2, 11):
             amps[k] = amps.get(k, 0.0) + rng.uniform(0.04, 0.1) * (1.0 - 0.05 * k)
             phases.setdefault(k, rng.uniform(0, 2 * math.pi))
-        for k in (0.5, 1.5, 2.5):
-            x += rng.uniform(0.04, 0.09) * np.sin(k * phase + rng.uniform(0, 2 * math.pi))
+        for sub in (0.5, 1.5, 2.5):
+            x += rng.uniform(0.04, 0.09) * np.sin(sub * phase + rng.uniform(0, 2 * math.pi))
     for k, a in amps.items():
         x += a * np.sin(k * phase + phases[k])
 
     if fault == "bearing":
         bpfo = f0 * rng.uniform(3.2, 3.7)
         period = rate_hz / bpfo
-        k = np.arange(int(n / period) + 2)
-        pos = np.round(k * period + rng.uniform(0, period) + rng.normal(0, 0.01 * period, k.size)).astype(int)
+        hits = np.arange(int(n / period) + 2)
+        pos = np.round(hits * period + rng.uniform(0, period) + rng.normal(0, 0.01 * period, hits.size)).astype(int)
         pos = pos[(pos >= 0) & (pos < n)]
         imp = np.zeros(n)
         mod = 1.0 + 0.6 * np.cos(phase[pos] + rng.uniform(0, 2 * math.pi))

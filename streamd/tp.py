@@ -59,6 +59,7 @@ REASONS: dict[str, str] = {
     "oversized_frame": "the message is larger than the source's max_message_bytes",
     "bad_image": "the image bytes cannot be decoded",
     "bad_input": "a Node rejected the input (detail says why)",
+    "bad_values": "a sensor reading's samples are empty, not float32, not finite or too few for the window",
     "model_input_mismatch": "the tensor does not fit the model's declared input",
     "node_failed": "a Node raised after its retries were spent",
     "frame_expired": "the payload left Redis (TTL) before the run reached it",
