@@ -10,6 +10,7 @@ Secrets (passwords in URLs, SASL passwords) are never printed: use
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -86,8 +87,8 @@ def _float(env: Mapping[str, str], name: str) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a number; set it to e.g. {_BY_NAME[name].default}") from None
-    if value <= 0:
-        raise ConfigError(f"{name}={value} must be above 0")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name}={raw!r} must be a finite number above 0")
     return value
 
 

@@ -132,8 +132,8 @@ class StageExecutor:
                                    if o is not None})
                 # else: a parent dead-lettered this run already
         if missing:
-            shed = self.store.dropped([r.run_id for r in missing])
-            expired = [r for r in missing if r.run_id not in shed]
+            settled = self.store.settled([r.run_id for r in missing])
+            expired = [r for r in missing if r.run_id not in settled]
             for run in expired:
                 letters.append(DeadLetter(
                     run.origin, "frame_expired",

@@ -12,6 +12,7 @@ key                                        holds
 ``join:<batch_id>:<stage>``                set of parent stages done (fan-in join)
 ``done:<batch_id>``                        set of sink stages done for a batch
 ``dropped:<run_id>``                       tombstone of a run shed by the overload policy
+``ended:<run_id>``                         marker of a run that ended (result or dead letter)
 ``inflight:<source>``                      sorted set run_id -> ingest time (backpressure)
 ``bytes``                                  hash run_id -> payload bytes (frame-store gauge)
 ========================================  ==========================================
@@ -44,6 +45,9 @@ class Keys:
 
     def dropped(self, run_id: str) -> str:
         return f"{self.base}dropped:{run_id}"
+
+    def ended(self, run_id: str) -> str:
+        return f"{self.base}ended:{run_id}"
 
     def inflight(self, source: str) -> str:
         return f"{self.base}inflight:{source}"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,11 +134,22 @@ class RunStore:
 
     def dropped(self, run_ids: Sequence[str]) -> set[str]:
         """Which of these runs were shed by the overload policy (already dead-lettered as dropped)."""
+        return self._marked(run_ids, self.keys.dropped)
+
+    def settled(self, run_ids: Sequence[str]) -> set[str]:
+        """Which of these runs already have their outcome: shed, or ended with a result or dead letter.
+
+        A task redelivered after its runs ended (the worker died between the
+        sink and the acknowledgement) finds their data gone; these runs are
+        skipped rather than reported as expired."""
+        return self._marked(run_ids, self.keys.dropped) | self._marked(run_ids, self.keys.ended)
+
+    def _marked(self, run_ids: Sequence[str], key: Callable[[str], str]) -> set[str]:
         if not run_ids:
             return set()
         pipe = self.r.pipeline(transaction=False)
         for rid in run_ids:
-            pipe.exists(self.keys.dropped(rid))
+            pipe.exists(key(rid))
         return {rid for rid, hit in zip(run_ids, pipe.execute(), strict=True) if hit}
 
     def put_output(self, batch_id: str, stage: str, outputs: Mapping[str, Any]) -> None:
@@ -174,6 +185,7 @@ class RunStore:
         for run in runs:
             pipe.zrem(self.keys.inflight(run.origin.topic), member(run))
             pipe.delete(self.keys.frame(run.run_id))
+            pipe.set(self.keys.ended(run.run_id), b"1", px=self.ttl_ms * 2)
         pipe.hdel(self.keys.bytes(), *[r.run_id for r in runs])
         pipe.execute()
 

@@ -285,7 +285,14 @@ def _check_graph(r: _Reader, nodes: dict[str, NodeSpec]) -> tuple[str, ...]:
                 if indeg[c] == 0:
                     ready.append(c)
     if len(order) != len(nodes):
-        cyclic = [n for n in nodes if n not in order]
+        left = {n for n in nodes if n not in order}
+        # drop Nodes that are merely downstream of the cycle: those with no child left
+        while True:
+            leaves = {n for n in left if not any(n in nodes[c].parents for c in left)}
+            if not leaves:
+                break
+            left -= leaves
+        cyclic = [n for n in nodes if n in left]
         raise r.fail(f"nodes.{cyclic[0]}.parents", f"the Nodes {', '.join(cyclic)} form a cycle; a topology is a DAG")
     return tuple(order)
 

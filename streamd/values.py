@@ -19,8 +19,10 @@ _NDARRAY = 1
 
 def _default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
-        arr = np.ascontiguousarray(obj)
-        header = msgpack.packb([arr.dtype.str, list(arr.shape)])
+        if obj.dtype.hasobject:
+            raise TypeError("a Node output cannot hold an object-dtype array; use a numeric dtype or a list")
+        arr = obj if obj.flags.c_contiguous else np.ascontiguousarray(obj)
+        header = msgpack.packb([arr.dtype.str, list(obj.shape)])
         return msgpack.ExtType(_NDARRAY, header + arr.tobytes())
     if isinstance(obj, np.generic):
         return obj.item()

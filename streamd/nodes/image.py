@@ -42,8 +42,10 @@ def decode_frame(msg: Mapping[str, Any], *, node: str = "") -> np.ndarray:
             expected = "JPEG" if codec == "jpeg" else "PNG"
             if img.format != expected:
                 raise BadInput(f"codec says {codec} but the bytes are {img.format}", node=node, reason="bad_image")
-            gray = img.mode in ("L", "I;16", "I", "1")
-            arr = np.asarray(img.convert("L" if gray else "RGB"), dtype=np.uint8)
+            if img.mode.startswith("I"):  # 16-bit mono PNG (I;16 or I): scale to 8 bits, do not clip
+                arr = np.clip(np.asarray(img).astype(np.int64) >> 8, 0, 255).astype(np.uint8)
+            else:
+                arr = np.asarray(img.convert("L" if img.mode in ("L", "1") else "RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise BadInput(f"cannot decode {codec} image: {exc}", node=node, reason="bad_image") from None
     return arr[:, :, None] if arr.ndim == 2 else arr

@@ -153,7 +153,8 @@ class ImageQuality(Node):
             "underexposed": self.min_mean / max(mean, 1e-6),
             "overexposed": (1 - self.max_mean) / max(1 - mean, 1e-6),
             "low_contrast": self.min_std / max(std, 1e-6),
-            "blurred": self.min_sharpness / max(sharpness, 1e-9),
+            # sharpness is a variance (squared scale): its square root compares like the others
+            "blurred": (self.min_sharpness / max(sharpness, 1e-9)) ** 0.5,
         }
         label, score = max(checks.items(), key=lambda kv: kv[1])
         return verdict(score=score, threshold=1.0, label=label, regions=[],
