@@ -180,7 +180,9 @@ class StageExecutor:
                 reason = exc.reason if isinstance(exc, StreamdError) and not isinstance(exc, BadInput) else None
                 reason = reason if reason and reason != "internal_error" else (
                     "publish_failed" if node.is_sink else "node_failed")
-                log.exception("node %s failed on %s after its retries", node.node_id, run.origin)
+                log.exception("node %s failed on %s after its retries", node.node_id, run.origin,
+                              extra={"node": node.node_id, "origin": str(run.origin), "source": run.source,
+                                     "topology": self.topology})
                 letters.append(DeadLetter(run.origin, reason, f"{type(exc).__name__}: {exc} (retries spent)",
                                           node.node_id, run.source))
                 continue

@@ -93,14 +93,17 @@ def build_worker_app(topology: Topology, settings: Settings, queues: list[str],
         except Retry as exc:
             if metrics is not None:
                 metrics.task_retries.labels(topology.name, stage_id).inc()
-            log.warning("stage %s: %s; retry %d of %d", stage_id, exc, attempt + 1, max_retries)
+            log.warning("stage %s: %s; retry %d of %d", stage_id, exc, attempt + 1, max_retries,
+                        extra={"stage": stage_id, "node": exc.node, "topology": topology.name,
+                               "origin": ", ".join(str(r.origin) for r in batch.runs[:8])})
             raise self.retry(countdown=min(MAX_BACKOFF_S, 2**attempt), max_retries=None) from None
         except (StreamdError, redis.RedisError, OSError) as exc:
             # Infrastructure (Redis, Kafka for the dead letters) is down: nothing was lost, try again
             # later; the message stays with the broker until then.
-            log.error("stage %s: %s: %s; retrying in %d s", stage_id, type(exc).__name__, exc,
-                      min(MAX_BACKOFF_S, 2 ** min(attempt, 5)))
-            raise self.retry(countdown=min(MAX_BACKOFF_S, 2 ** min(attempt, 5)), max_retries=None) from None
+            delay = min(MAX_BACKOFF_S, 2 ** min(attempt, 5))
+            log.error("stage %s: %s: %s; retrying in %d s", stage_id, type(exc).__name__, exc, delay,
+                      extra={"stage": stage_id, "topology": topology.name})
+            raise self.retry(countdown=delay, max_retries=None) from None
 
     @signals.worker_process_init.connect(weak=False)
     def _init_process(**_: Any) -> None:  # prefork child: load and warm up the models now
