@@ -60,7 +60,7 @@ class Daemon:
         self.topology = topology
         self.settings = settings
         self.metrics = metrics or Metrics()
-        self.health = Health()
+        self.health = Health(stale_after_s=120)  # /healthz fails if the monitor loop stops turning
         self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
         self.celery = make_celery(topology, settings)
         self.dispatcher = Dispatcher(self.celery, topology)

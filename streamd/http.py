@@ -2,7 +2,8 @@
 
 ``/metrics``  Prometheus exposition (in a prefork worker: all child processes, via
               ``PROMETHEUS_MULTIPROC_DIR``)
-``/healthz``  200 while the process is alive and its loop is turning
+``/healthz``  200 while the process is alive; with ``Health(stale_after_s=...)`` also only while
+              its loop is turning (``health.beat`` refreshed within that many seconds), else 503
 ``/readyz``   200 when Kafka, Redis and the Celery broker answered the last check;
               503 with the name of each dependency that did not, and why
 """
@@ -30,11 +31,21 @@ log = logging.getLogger(__name__)
 class Health:
     """Readiness of one process: the state of each dependency, set by periodic checks."""
 
-    def __init__(self, dependencies: tuple[str, ...] = ("kafka", "redis", "broker")) -> None:
+    def __init__(self, dependencies: tuple[str, ...] = ("kafka", "redis", "broker"), *,
+                 stale_after_s: float | None = None) -> None:
         self._lock = threading.Lock()
         self._state: dict[str, tuple[bool, str]] = {d: (False, "not checked yet") for d in dependencies}
         self.started = time.time()
         self.beat = time.time()
+        self.stale_after_s = stale_after_s
+
+    def alive(self) -> tuple[bool, dict[str, Any]]:
+        """(alive, body of /healthz): not alive when the loop has not beaten for ``stale_after_s``."""
+        now = time.time()
+        since = now - self.beat
+        ok = self.stale_after_s is None or since <= self.stale_after_s
+        return ok, {"status": "alive" if ok else "stalled", "uptime_s": round(now - self.started, 1),
+                    "last_beat_s": round(since, 1)}
 
     def set(self, dependency: str, ok: bool, detail: str = "") -> None:
         with self._lock:
@@ -80,8 +91,8 @@ def serve(
                 reg = multiprocess_registry() or registry
                 self._send(200, generate_latest(reg), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
-                self._send(200, json.dumps({"status": "alive", "uptime_s": round(time.time() - health.started, 1)})
-                           .encode(), "application/json")
+                alive, status = health.alive()
+                self._send(200 if alive else 503, json.dumps(status).encode(), "application/json")
             elif path == "/readyz":
                 ok, state = health.ready()
                 body = json.dumps({"ready": ok, "dependencies": state}).encode()

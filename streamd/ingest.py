@@ -141,7 +141,8 @@ class Ingestor:
             kept += items
         if self.metrics is not None:
             for d in letters:
-                self.metrics.frames_dropped.labels(self.topology.name, d.origin.topic, "dropped").inc()
+                reason = self.topology.source(d.origin.topic).overload  # drop_oldest or sample
+                self.metrics.frames_dropped.labels(self.topology.name, d.origin.topic, reason).inc()
         return kept, letters
 
     def _dropped(self, run: RunContext, why: str) -> DeadLetter:

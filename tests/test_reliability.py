@@ -268,7 +268,7 @@ def test_drop_oldest_policy_counts_every_drop_as_a_dead_letter(tmp_path: Path, p
     letters = [w for w in offsets if final[w][0]["kind"] == "error"]
     assert all(len(final[w]) == 1 for w in offsets), "each frame has exactly one outcome"
     assert len(letters) == len(dropped) == 32
-    assert _counter(port, "streamd_frames_dropped_total", reason="dropped") == len(letters)
+    assert _counter(port, "streamd_frames_dropped_total", reason="drop_oldest") == len(letters)
 
 
 def test_sigterm_under_load_exits_within_the_drain_bound(tmp_path: Path, procs: Procs, kafka_bootstrap: str) -> None:
