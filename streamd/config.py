@@ -49,10 +49,14 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("STREAMD_ONNX_PROVIDERS", "", "execution providers to try, e.g. tensorrt,cuda,cpu (default: per Node)"),
     Variable("STREAMD_ONNX_THREADS", "0", "intra-op threads per worker process (0: cores / processes)"),
     Variable("STREAMD_WORKER_CONCURRENCY", "0", "processes per worker (0: 1 for gpu, cores for cpu)"),
-    Variable("STREAMD_MODELS_DIR", "", "where relative model paths resolve (default: the topology's folder, then ./)"),
+    Variable("STREAMD_MODELS_DIR", "",
+             "where relative model paths resolve first (then the topology's folder, its parent, ./)"),
 )
 
 _BY_NAME = {v.name: v for v in VARIABLES}
+
+#: Short names of the ONNX Runtime execution providers streamd knows.
+ONNX_PROVIDERS = ("tensorrt", "cuda", "cpu")
 
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:@/\s]*):(?P<pw>[^@/\s]+)@")
 
@@ -131,6 +135,10 @@ class Settings:
             if _get(env, name)
         }
         providers = tuple(p.strip().lower() for p in _get(env, "STREAMD_ONNX_PROVIDERS").split(",") if p.strip())
+        unknown = [p for p in providers if p not in ONNX_PROVIDERS]
+        if unknown:
+            raise ConfigError(f"STREAMD_ONNX_PROVIDERS names unknown provider(s) {', '.join(unknown)}; "
+                              f"use a comma-separated list of {', '.join(ONNX_PROVIDERS)}")
         return cls(
             kafka_bootstrap=_get(env, "STREAMD_KAFKA_BOOTSTRAP"),
             redis_url=_get(env, "STREAMD_REDIS_URL"),

@@ -18,7 +18,7 @@ from typing import Any
 from .config import redact
 from .kafka import Publisher
 from .nodes.base import Origin
-from .tp import encode_error
+from .tp import REASONS, encode_error
 
 __all__ = ["DeadLetter", "DeadLetterSink"]
 
@@ -50,7 +50,10 @@ class DeadLetterSink:
         now = time.time()
         for d in letters:
             detail = redact(d.detail)[:MAX_DETAIL]
-            _, value = encode_error(reason=d.reason, detail=detail, stage=d.stage, source=d.source,
+            reason = d.reason
+            if reason not in REASONS:  # an error class with no TP reason of its own
+                reason, detail = "node_failed", f"{d.reason}: {detail}"
+            _, value = encode_error(reason=reason, detail=detail, stage=d.stage, source=d.source,
                                     origin=d.origin.as_dict(), at=now)
             records.append((self.topic, (d.source or "").encode() or None, value))
         self.publisher.publish(records)

@@ -25,6 +25,7 @@ from .deadletters import DeadLetter, DeadLetterSink
 from .exceptions import BadInput, StreamdError
 from .nodes.base import SOURCE, Node, RunContext
 from .runs import Batch, RunStore
+from .values import pack_value
 
 __all__ = ["StageExecutor", "Retry"]
 
@@ -84,6 +85,9 @@ class StageExecutor:
             runs, outs, failed = self._call(node_id, runs, inputs, final_attempt=final_attempt)
             letters += failed
             inputs = [{node_id: o} for o in outs]
+        if stage.children and runs:
+            runs, inputs, bad = self._store_outputs(stage, batch, runs, inputs)
+            letters += bad
         if letters:
             self.dead_letters.publish(letters)
             self.store.finish([r for r in batch.runs if r.run_id in {_run_id(d, batch) for d in letters}])
@@ -91,8 +95,6 @@ class StageExecutor:
             return
         alive = batch.only({r.run_id for r in runs})
         if stage.children:
-            self.store.put_output(batch.batch_id, stage.id, {r.run_id: i[stage.tail] for r, i in
-                                                              zip(runs, inputs, strict=True)})
             for child_id in stage.children:
                 child = self.plan.stages[child_id]
                 if self.store.join_ready(batch.batch_id, child.id, stage.id, len(child.parents),
@@ -103,6 +105,27 @@ class StageExecutor:
             self.store.forget_batch(batch.batch_id, self.plan.order)
 
     # -- steps ---------------------------------------------------------------------
+    def _store_outputs(self, stage: Stage, batch: Batch, runs: list[RunContext], inputs: list[dict[str, Any]]
+                       ) -> tuple[list[RunContext], list[dict[str, Any]], list[DeadLetter]]:
+        """Store the stage's outputs for its children; a run whose output cannot be stored is dead-lettered."""
+        outputs = {r.run_id: i[stage.tail] for r, i in zip(runs, inputs, strict=True)}
+        try:
+            self.store.put_output(batch.batch_id, stage.id, outputs)
+            return runs, inputs, []
+        except TypeError:  # some Node output holds a type that cannot cross stages: find which runs
+            letters, keep = [], []
+            for k, (run, inp) in enumerate(zip(runs, inputs, strict=True)):
+                try:
+                    pack_value(inp[stage.tail])
+                    keep.append(k)
+                except TypeError as exc:
+                    letters.append(DeadLetter(run.origin, "node_failed", f"output of node {stage.tail!r} cannot "
+                                              f"be stored for the next stage: {exc}", stage.tail, run.source))
+            runs, inputs = [runs[k] for k in keep], [inputs[k] for k in keep]
+            self.store.put_output(batch.batch_id, stage.id, {r.run_id: i[stage.tail] for r, i in
+                                                              zip(runs, inputs, strict=True)})
+            return runs, inputs, letters
+
     def _inputs(self, stage: Stage, batch: Batch) -> tuple[list[RunContext], list[dict[str, Any]], list[DeadLetter]]:
         runs: list[RunContext] = []
         inputs: list[dict[str, Any]] = []

@@ -22,12 +22,13 @@ from celery.exceptions import Reject
 
 from .broker import TASK_NAME, Dispatcher, make_celery
 from .config import Settings
-from .dag import Plan, plan
-from .deadletters import DeadLetterSink
+from .dag import plan
+from .deadletters import DeadLetter, DeadLetterSink
 from .exceptions import ConfigError, StreamdError
 from .executor import Retry, StageExecutor
 from .kafka import Publisher
 from .metrics import Metrics
+from .nodes.base import Node, resolve
 from .runs import Batch, RunStore
 from .shutdown import start_drain_watchdog
 from .topology import Topology
@@ -41,37 +42,75 @@ MAX_BACKOFF_S = 30
 
 
 class WorkerRuntime:
-    """Per-process state of a worker: Nodes, Redis, the Kafka producer, the executor."""
+    """Per-process state of a worker: Redis, the Kafka producer, dead letters, Nodes, the executor.
+
+    Everything is created in the process that uses it (after a prefork fork)."""
 
     def __init__(self, topology: Topology, settings: Settings, queues: list[str], metrics: Metrics | None) -> None:
         self.topology = topology
         self.settings = settings
         self.queues = queues
         self.metrics = metrics
-        self._executor: StageExecutor | None = None
-        self._pid = -1
         self.app: Celery | None = None
-        self.plan: Plan | None = None
+        self._pid = -1
+        self._executor: StageExecutor | None = None
+        self._nodes: dict[str, Node] = {}
+        self.plan = plan(topology, {n for n, spec in topology.nodes.items() if resolve(spec.type).is_sink})
+
+    def _fresh(self) -> None:
+        if self._pid == os.getpid():
+            return
+        self._pid = os.getpid()
+        self._executor = None
+        self._nodes = {}
+        self.publisher = Publisher(self.settings)
+        self.store = RunStore(redis.Redis.from_url(self.settings.redis_url), self.topology.name,
+                              self.settings.frame_ttl_s)
+        self.dead_letters = DeadLetterSink(self.topology.name, self.topology.sinks["dead_letter"].topic,
+                                           self.publisher, self.metrics)
 
     def executor(self) -> StageExecutor:
-        if self._executor is None or self._pid != os.getpid():
+        self._fresh()
+        if self._executor is None:
             env = self.topology.node_env(self.settings)
-            publisher = Publisher(self.settings)
-            env.publisher = publisher
+            env.publisher = self.publisher
             env.metrics = self.metrics
-            nodes = self.topology.build_nodes(env)
-            self.plan = plan(self.topology, {n for n, node in nodes.items() if node.is_sink})
+            self._nodes = self.topology.build_nodes(env)
             assert self.app is not None
-            store = RunStore(redis.Redis.from_url(self.settings.redis_url), self.topology.name,
-                             self.settings.frame_ttl_s)
-            dlq = DeadLetterSink(self.topology.name, self.topology.sinks["dead_letter"].topic, publisher,
-                                 self.metrics)
-            self._executor = StageExecutor(topology=self.topology.name, plan=self.plan, nodes=nodes, store=store,
-                                           dead_letters=dlq, dispatch=Dispatcher(self.app, self.topology),
-                                           metrics=self.metrics)
-            self._pid = os.getpid()
-            self._executor.setup(self.queues)
+            executor = StageExecutor(topology=self.topology.name, plan=self.plan, nodes=self._nodes,
+                                     store=self.store, dead_letters=self.dead_letters,
+                                     dispatch=Dispatcher(self.app, self.topology), metrics=self.metrics)
+            executor.setup(self.queues)
+            self._executor = executor
         return self._executor
+
+    def retries(self, stage_id: str) -> int:
+        """Retries of a stage: the most any of its Nodes asks for (0 for a stage this topology lacks)."""
+        stage = self.plan.stages.get(stage_id)
+        return max((self.topology.nodes[n].retries for n in stage.nodes), default=0) if stage else 0
+
+    def abandon(self, stage_id: str, batch: Batch, exc: BaseException) -> None:
+        """Dead-letter every run of a batch that cannot be processed at all (a bug, a stage this
+        worker's topology does not have, a Node that cannot start), so that no run vanishes."""
+        self._fresh()
+        if stage_id in self.plan.stages:
+            why = f"{type(exc).__name__}: {exc} (retries spent)"
+        else:
+            why = (f"stage {stage_id!r} is not in this worker's topology {self.topology.name!r}: "
+                   "workers and daemon run different topology versions")
+        log.error("stage %s: abandoning %d run(s): %s", stage_id, len(batch.runs), why,
+                  extra={"stage": stage_id, "topology": self.topology.name})
+        self.dead_letters.publish([DeadLetter(r.origin, "node_failed", why, stage_id, r.source) for r in batch.runs])
+        self.store.finish(batch.runs)
+
+    def close(self) -> None:
+        for node in self._nodes.values():
+            try:
+                node.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                log.exception("node %s: close failed", node.node_id)
+        if self._pid == os.getpid():
+            self.publisher.close()
 
 
 def build_worker_app(topology: Topology, settings: Settings, queues: list[str],
@@ -79,7 +118,6 @@ def build_worker_app(topology: Topology, settings: Settings, queues: list[str],
     app = make_celery(topology, settings)
     runtime = WorkerRuntime(topology, settings, queues, metrics)
     runtime.app = app
-    max_retries = max(spec.retries for spec in topology.nodes.values())
 
     @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
     def stage_task(self: Any, topology_name: str, stage_id: str, message: dict[str, Any]) -> None:
@@ -87,27 +125,40 @@ def build_worker_app(topology: Topology, settings: Settings, queues: list[str],
             raise Reject(f"task for topology {topology_name!r} reached a worker of {topology.name!r}", requeue=False)
         batch = Batch.from_message(message)
         attempt = int(self.request.retries or 0)
+        retries = runtime.retries(stage_id)
         redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+        context = {"stage": stage_id, "topology": topology.name,
+                   "origin": ", ".join(str(r.origin) for r in batch.runs[:8])}
         try:
-            runtime.executor().run(stage_id, batch, final_attempt=attempt >= max_retries, redelivered=redelivered)
+            runtime.executor().run(stage_id, batch, final_attempt=attempt >= retries, redelivered=redelivered)
         except Retry as exc:
             if metrics is not None:
                 metrics.task_retries.labels(topology.name, stage_id).inc()
-            log.warning("stage %s: %s; retry %d of %d", stage_id, exc, attempt + 1, max_retries,
-                        extra={"stage": stage_id, "node": exc.node, "topology": topology.name,
-                               "origin": ", ".join(str(r.origin) for r in batch.runs[:8])})
+            log.warning("stage %s: %s; retry %d of %d", stage_id, exc, attempt + 1, retries,
+                        extra={**context, "node": exc.node})
             raise self.retry(countdown=min(MAX_BACKOFF_S, 2**attempt), max_retries=None) from None
         except (StreamdError, redis.RedisError, OSError) as exc:
             # Infrastructure (Redis, Kafka for the dead letters) is down: nothing was lost, try again
             # later; the message stays with the broker until then.
             delay = min(MAX_BACKOFF_S, 2 ** min(attempt, 5))
-            log.error("stage %s: %s: %s; retrying in %d s", stage_id, type(exc).__name__, exc, delay,
-                      extra={"stage": stage_id, "topology": topology.name})
+            log.error("stage %s: %s: %s; retrying in %d s", stage_id, type(exc).__name__, exc, delay, extra=context)
             raise self.retry(countdown=delay, max_retries=None) from None
+        except Exception as exc:  # a bug: retry like a Node failure, then dead-letter; never drop silently
+            if attempt < retries:
+                log.exception("stage %s failed; retry %d of %d", stage_id, attempt + 1, retries, extra=context)
+                raise self.retry(countdown=min(MAX_BACKOFF_S, 2**attempt), max_retries=None) from None
+            runtime.abandon(stage_id, batch, exc)
 
     @signals.worker_process_init.connect(weak=False)
     def _init_process(**_: Any) -> None:  # prefork child: load and warm up the models now
-        runtime.executor()
+        try:
+            runtime.executor()
+        except Exception:  # noqa: BLE001 - the first task retries, then dead-letters its runs
+            log.exception("worker process could not load its Nodes")
+
+    @signals.worker_process_shutdown.connect(weak=False)
+    def _close_process(**_: Any) -> None:
+        runtime.close()
 
     @signals.worker_shutting_down.connect(weak=False)
     def _bounded_drain(**_: Any) -> None:

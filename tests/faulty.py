@@ -18,6 +18,8 @@ class Tamper(Node):
         (value,) = inputs.values()
         if run.meta.get("explode"):
             raise RuntimeError("injected fault: the Node crashed")
+        if run.meta.get("unstorable"):
+            return {**value, "why": {"a", "set"}}  # a Python set cannot cross stages
         if run.meta.get("wrong_shape"):
             return {**value, "tensor": np.repeat(value["tensor"], 3, axis=0)}
         return value

@@ -162,6 +162,8 @@ def test_each_failure_class_is_dead_lettered_and_neighbours_processed(tmp_path: 
         (None, good(8)),
         ("publish_failed", good(9, meta={"blob": "x" * 1_100_000})),  # result over the producer's 1 MB limit
         (None, good(10)),
+        ("node_failed", good(11, meta={"unstorable": True})),  # a Node output that cannot cross stages
+        (None, good(12)),
     ]
     from confluent_kafka import Producer
 

@@ -190,8 +190,26 @@ def registered() -> dict[str, type[Node]]:
     return dict(_REGISTRY)
 
 
+_PLUGINS_LOADED = False
+
+
 def _load_builtins() -> None:
+    """Import the built-in Nodes, and once, the Node packages that declare the
+    ``streamd.nodes`` entry point group (``[project.entry-points."streamd.nodes"]``)."""
+    global _PLUGINS_LOADED
     importlib.import_module("streamd.nodes.builtins")
+    if _PLUGINS_LOADED:
+        return
+    _PLUGINS_LOADED = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="streamd.nodes"):
+        try:
+            ep.load()
+        except Exception as exc:  # noqa: BLE001 - a broken plug-in must not hide the built-ins
+            import logging
+
+            logging.getLogger(__name__).error("cannot load Node package %s (%s): %s", ep.name, ep.value, exc)
 
 
 def resolve(type_name: str, *, path: str = "") -> type[Node]:
