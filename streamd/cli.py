@@ -43,10 +43,9 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tp", help="TP v1 tools")
     tsub = t.add_subparsers(dest="tp_command", required=True, metavar="TP_COMMAND")
-    dec = tsub.add_parser("decode", help="print TP messages (from files or a topic) as JSON lines")
     from . import tptool
 
-    tptool.add_arguments(dec)
+    tptool.add_subcommands(tsub)
     return p
 
 
@@ -81,9 +80,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
                   f"stages: {stages}")
         return 0
     if args.command == "tp":
-        from . import tptool
-
-        return tptool.run(args)
+        return int(args.func(args))
     if args.command == "demo":
         from .demo import run_demo
 
