@@ -85,9 +85,10 @@ class RunStore:
         """Store payloads (claim check) and mark the runs in flight, in one round trip."""
         now = time.time()
         pipe = self.r.pipeline(transaction=False)
-        for run, raw in items:
+        for i, (run, raw) in enumerate(items):
             pipe.set(self.keys.frame(run.run_id), raw, px=self.ttl_ms)
-            pipe.zadd(self.keys.inflight(run.origin.topic), {member(run): now})
+            # a microsecond apart, so "oldest" keeps the arrival order within a batch
+            pipe.zadd(self.keys.inflight(run.origin.topic), {member(run): now + i * 1e-6})
             pipe.hset(self.keys.bytes(), run.run_id, len(raw))
         pipe.execute()
 

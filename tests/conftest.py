@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from streamd import services
 
@@ -70,3 +71,17 @@ def procs(tmp_path: Path, service_env: dict[str, str]) -> Iterator[Procs]:
     p = Procs(tmp_path, service_env)
     yield p
     p.stop_all()
+
+
+@pytest.fixture
+def client() -> Iterator[redis.Redis]:
+    """A client of the test Redis (STREAMD_TEST_REDIS_URL, default 127.0.0.1:6379/0); skips without one."""
+    url = os.environ.get("STREAMD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    r = redis.Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        r.ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"no Redis at {url} ({exc}): start one with `redis-server --daemonize yes` "
+                    "or set STREAMD_TEST_REDIS_URL")
+    yield r
+    r.close()

@@ -94,18 +94,6 @@ class DeadLetters:
         self.letters.extend(letters)
 
 
-@pytest.fixture
-def client() -> Iterator[redis.Redis]:
-    r = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        r.ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"no Redis at {REDIS_URL} ({exc}): start one with `redis-server --daemonize yes` "
-                    "or set STREAMD_TEST_REDIS_URL")
-    yield r
-    r.close()
-
-
 #            check -> double ─┬─> left ──┬─> sink      stages: check[check, double], left, right, sink (join)
 #                             └─> right ─┘
 def topology_yaml(name: str, fail_seqs: Sequence[int]) -> dict[str, Any]:

@@ -24,18 +24,6 @@ TTL_S = 60.0
 
 
 @pytest.fixture
-def client() -> Iterator[redis.Redis]:
-    r = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        r.ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"no Redis at {REDIS_URL} ({exc}): start one with `redis-server --daemonize yes` "
-                    "or set STREAMD_TEST_REDIS_URL")
-    yield r
-    r.close()
-
-
-@pytest.fixture
 def topology(client: redis.Redis) -> Iterator[str]:
     """A unique topology name; all its keys are deleted afterwards."""
     name = f"test-runs-{uuid.uuid4().hex[:10]}"
