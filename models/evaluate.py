@@ -1,6 +1,6 @@
 """Print the quality figures of the shipped models on held-out synthetic data.
 
-    python models/evaluate.py            # full sets (about a minute on 2 CPU cores)
+    python models/evaluate.py            # full sets (about two minutes on 2 CPU cores)
     python models/evaluate.py --quick    # smaller sets
 
 For each model file under models/ and each held-out set (regenerated with fixed
@@ -9,6 +9,12 @@ seeds that the training scripts never use), per defect / fault kind: AUROC
 false-positive rate of the normal samples at that threshold. Then the model's
 latency with ONNX Runtime on CPU, batch 1. Needs numpy, onnxruntime and pillow
 only (what streamd itself needs).
+
+The camera model is also judged on the *production path*
+(:func:`production_set`): frames of many resolutions and aspect ratios, grey or
+RGB, sent raw or as JPEG, turned into model input by the ``image.decode`` and
+``image.preprocess`` Nodes themselves. ``models/surface-ae/train.py`` trains and
+picks its threshold on such frames (other seeds).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
+from streamd import synth  # noqa: E402
 from streamd.metrics_quality import camera_set, kind_figures, sensor_set  # noqa: E402
 from streamd.nodes.sensor import vibration_features  # noqa: E402
 
@@ -40,10 +47,134 @@ CAMERA_SETS = [
 JPEG_SETS = {2005: 90}
 # (title, seed, rate, samples, normal, per kind)
 SENSOR_SETS = [
-    ("5 kHz, 4096 samples", 3001, 5000.0, 4096, (1000, 200), (300, 60)),
-    ("10 kHz, 8192 samples", 3002, 10000.0, 8192, (300, 100), (100, 30)),
-    ("5 kHz, 2048 samples (shorter window)", 3003, 5000.0, 2048, (300, 100), (100, 30)),
+    ("5 kHz, 4096 samples", 3001, 5000.0, 4096, (5000, 300), (300, 60)),
+    ("10 kHz, 8192 samples", 3002, 10000.0, 8192, (1000, 100), (100, 30)),
+    ("5 kHz, 2048 samples (shorter window)", 3003, 5000.0, 2048, (1000, 100), (100, 30)),
 ]
+
+
+def sensor_margins(scores: np.ndarray, labels: list, threshold: float) -> None:
+    """How far the highest normal score and the lowest score of each fault kind are from the threshold."""
+    kinds = np.array(["ok" if lab is None else lab for lab in labels])
+    top = float(scores[kinds == "ok"].max())
+    lows = ", ".join(
+        f"{k} {scores[kinds == k].min():.3f}" for k in dict.fromkeys(kinds.tolist()) if k != "ok"
+    )
+    print(f"    highest normal score {top:.3f} (threshold / {threshold / top:.2f}); lowest score: {lows}")
+
+
+# The production path: frames of many resolutions and aspect ratios, grey or RGB, sent raw or
+# as JPEG of varying quality, decoded and resized by the image.decode / image.preprocess Nodes.
+PRODUCTION_SIZES: tuple[tuple[int, int], ...] = (
+    (128, 128),
+    (240, 320),
+    (96, 160),
+    (480, 640),
+    (96, 96),
+    (120, 160),
+    (200, 200),
+    (144, 176),
+    (256, 256),
+    (180, 320),
+    (300, 400),
+    (160, 120),
+    (112, 112),
+    (360, 480),
+)
+PRODUCTION_JPEG = (75, 95)  # quality drawn uniformly in this range (inclusive)
+PRODUCTION_RAW = 0.2  # share of frames sent uncompressed
+DEMO_SIZES: tuple[tuple[int, int], ...] = ((128, 128), (240, 320), (96, 160))  # what tests/support.py sends
+# (title, seed, sizes, JPEG quality range, raw share, (normal, per kind) full and --quick)
+PRODUCTION_SETS = [
+    (
+        "14 sizes/aspect ratios, grey or RGB, raw or JPEG q75-95",
+        2006,
+        PRODUCTION_SIZES,
+        PRODUCTION_JPEG,
+        PRODUCTION_RAW,
+        (3000, 200),
+        (600, 40),
+    ),
+    (
+        "128x128, 240x320, 96x160, grey or RGB, JPEG q90 (as the end-to-end tests send)",
+        2007,
+        DEMO_SIZES,
+        (90, 90),
+        0.0,
+        (1500, 100),
+        (300, 30),
+    ),
+]
+
+
+class ProductionPath:
+    """A frame's way into the model in production: TP frame message -> image.decode -> image.preprocess.
+
+    Uses the Nodes themselves (``decode_frame`` and :class:`~streamd.nodes.image.Preprocess`
+    with the surface-inspection topology's params), so what the model is trained and judged
+    on is what a running pipeline feeds it.
+    """
+
+    def __init__(self) -> None:
+        from streamd.config import Settings
+        from streamd.nodes.base import NodeEnv, Origin, RunContext
+        from streamd.nodes.image import Preprocess
+
+        env = NodeEnv(settings=Settings(), topology_name="surface-ae", base_dir=HERE)
+        self._pre = Preprocess("preprocess", {"size": [128, 128], "grayscale": True}, env)
+        self._run = RunContext(
+            topology="surface-ae", run_id="eval", origin=Origin("cameras.frames", 0, 0), kind="frame"
+        )
+
+    @staticmethod
+    def message(img: np.ndarray, jpeg_quality: int | None) -> dict:
+        """The decoded TP ``frame`` message a camera would send (raw, or JPEG at ``jpeg_quality``)."""
+        import io
+
+        from PIL import Image
+
+        if jpeg_quality is None:
+            return {"kind": "frame", "codec": "raw", "shape": list(img.shape), "dtype": "uint8", "data": img.tobytes()}
+        buf = io.BytesIO()
+        Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img).save(buf, format="JPEG", quality=jpeg_quality)
+        return {"kind": "frame", "codec": "jpeg", "data": buf.getvalue()}
+
+    def __call__(self, img: np.ndarray, jpeg_quality: int | None) -> np.ndarray:
+        """uint8 [h, w, c] frame -> float32 [1, 128, 128] model input."""
+        from streamd.nodes.image import decode_frame
+
+        arr = decode_frame(self.message(img, jpeg_quality))
+        return self._pre.process(self._run, {"decode": arr})["tensor"]
+
+
+def production_set(
+    seed: int,
+    n_normal: int,
+    n_per_defect: int,
+    kinds: tuple[str, ...] = synth.DEFECT_KINDS,
+    sizes: tuple[tuple[int, int], ...] = PRODUCTION_SIZES,
+    jpeg_quality: tuple[int, int] = PRODUCTION_JPEG,
+    raw_share: float = PRODUCTION_RAW,
+) -> tuple[np.ndarray, list[str | None]]:
+    """A labelled set [N, 1, 128, 128] through the production path, normal first then each kind.
+
+    Each frame draws its size from ``sizes``, 1 or 3 channels, and raw (with probability
+    ``raw_share``) or JPEG with a quality in ``jpeg_quality`` (inclusive), from a generator of
+    its own, so that the frames themselves do not depend on these choices.
+    """
+    rng = np.random.default_rng(seed)
+    setup = np.random.default_rng([seed, 1])
+    path = ProductionPath()
+    labels: list[str | None] = [None] * n_normal + [k for k in kinds for _ in range(n_per_defect)]
+    x = np.empty((len(labels), 1, 128, 128), dtype=np.float32)
+    for i, lab in enumerate(labels):
+        size = sizes[int(setup.integers(len(sizes)))]
+        channels = 1 if setup.random() < 0.5 else 3
+        raw = setup.random() < raw_share
+        quality = int(setup.integers(jpeg_quality[0], jpeg_quality[1] + 1))
+        img, _ = synth.camera_frame(rng, lab, size=size, channels=channels)
+        x[i] = path(img, None if raw else quality)
+    return x, labels
 
 
 def session(path: Path, threads: int = 0):
@@ -104,6 +235,17 @@ def main(argv: list[str] | None = None) -> int:
         x, labels = camera_set(seed, n_ok, n_kind, size=size, channels=ch, jpeg_quality=JPEG_SETS.get(seed))
         scores = np.concatenate([sess.run(["score"], {"image": x[i : i + 64]})[0] for i in range(0, len(x), 64)])
         report(f"{title}, seed {seed}", scores, labels, thr)
+    print("  production path (TP frame -> image.decode -> image.preprocess):")
+    for title, seed, sizes, quality, raw_share, *counts in PRODUCTION_SETS:
+        n_ok, n_kind = counts[pick - 4]
+        x, labels = production_set(seed, n_ok, n_kind, sizes=sizes, jpeg_quality=quality, raw_share=raw_share)
+        scores = np.concatenate([sess.run(["score"], {"image": x[i : i + 64]})[0] for i in range(0, len(x), 64)])
+        report(f"{title}, seed {seed}", scores, labels, thr)
+        ok = scores[:n_ok]
+        print(
+            f"    normal scores: median {np.median(ok):.3f}, max {ok.max():.3f} ({ok.max() / thr:.2f} x threshold); "
+            f"lowest defect score {scores[n_ok:].min():.3f} ({scores[n_ok:].min() / thr:.2f} x threshold)"
+        )
     latency(session(CAMERA, 1), "image", np.random.default_rng(0).random((1, 1, 128, 128), dtype=np.float32))
 
     sess = session(SENSOR)
@@ -112,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         n_ok, n_kind = counts[pick - 4]
         windows, labels = sensor_set(seed, n_ok, n_kind, rate_hz=rate, n=n)
         feats = np.stack([vibration_features(w, rate) for w in windows])
-        report(f"{title}, seed {seed}", sess.run(["score"], {"features": feats})[0], labels, thr)
+        scores = sess.run(["score"], {"features": feats})[0]
+        report(f"{title}, seed {seed}", scores, labels, thr)
+        sensor_margins(scores, labels, thr)
     latency(session(SENSOR, 1), "features", feats[:1])
     t_feat = time.perf_counter()
     for w in windows[:200]:

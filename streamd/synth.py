@@ -261,7 +261,15 @@ def sensor_window(
 ) -> np.ndarray:
     """One accelerometer window (unit g), float32 [n], sampled at ``rate_hz``.
 
-    ``fault`` is None (healthy machine) or one of :data:`SENSOR_FAULTS`.
+    ``fault`` is None (healthy machine) or one of :data:`SENSOR_FAULTS`. A healthy
+    machine has a 1x line of 0.18-0.32 g. Faults are drawn at severities worth an
+    alarm, clearly above the healthy band: ``imbalance`` raises the machine's own 1x
+    2.5-4.5 times (to 0.45-1.44 g, at least 1.4x the highest healthy 1x);
+    ``bearing`` rings the 1.4-2.2 kHz resonance at an RMS of 0.035-0.14 g (see
+    ``_BEARING_RMS_G``, about 1.5x the highest healthy level in that band or more);
+    ``looseness`` adds 0.5x/1.5x/2.5x lines of 0.04-0.09 g and 2x-10x harmonics
+    of up to 0.09 g, and clips the waveform. The same ``rng`` state with and without a
+    fault gives the same machine.
     """
     if fault is not None and fault not in SENSOR_FAULTS:
         raise ValueError(f"unknown fault {fault!r}; expected one of {SENSOR_FAULTS} or None")
@@ -308,11 +316,22 @@ def sensor_window(
         imp = np.zeros(n)
         mod = 1.0 + 0.6 * np.cos(phase[pos] + rng.uniform(0, 2 * math.pi))
         imp[pos] = rng.uniform(0.5, 1.0) * mod * (1 + 0.2 * rng.standard_normal(pos.size))
-        x += _resonance(imp, rng.uniform(1400, 2200), rng.uniform(0.03, 0.08), rate_hz) * rng.uniform(0.15, 0.5)
+        ring = _resonance(imp, rng.uniform(1400, 2200), rng.uniform(0.03, 0.08), rate_hz)
+        # severity = RMS of the ringing, log-uniform in _BEARING_RMS_G, whatever the damping,
+        # resonance and impact rate (see _BEARING_RMS_G)
+        level = math.exp(rng.uniform(math.log(_BEARING_RMS_G[0]), math.log(_BEARING_RMS_G[1])))
+        x += ring * (level / (float(ring.std()) + 1e-12))
     if fault == "looseness":
         lim = np.quantile(np.abs(x), rng.uniform(0.85, 0.95))
         x = np.clip(x, -lim, lim)
     return x.astype(np.float32)
+
+
+#: RMS (g) of a bearing defect's ringing, lowest and highest. A healthy machine's level in the
+#: 1.25-2.5 kHz band is 0.020-0.028 g, so even the mildest defect puts the band at 1.5x the
+#: highest healthy level or more: clearly above the healthy band, as an alarm level is set.
+#: Milder (incipient) defects, buried in the healthy band, are a trend to watch, not an alarm.
+_BEARING_RMS_G = (0.035, 0.14)
 
 
 def _resonance(force: np.ndarray, f_hz: float, zeta: float, rate_hz: float) -> np.ndarray:

@@ -85,8 +85,9 @@ def camera_frames(n: int, cameras: int, defect_every: int, seed: int = 11) -> It
     rng = np.random.default_rng(seed)
     for i in range(n):
         defect = synth.DEFECT_KINDS[(i // defect_every) % len(synth.DEFECT_KINDS)] if i % defect_every == 0 else None
-        size = ((128, 128), (240, 320), (96, 160))[i % 3]
-        img, _ = synth.camera_frame(rng, defect=defect, size=size, channels=1 if i % 2 else 3)
+        # sizes and channel counts vary independently of the defect kind
+        size = ((128, 128), (240, 320), (96, 160))[(i // 7) % 3]
+        img, _ = synth.camera_frame(rng, defect=defect, size=size, channels=1 if (i // 10 + i) % 2 else 3)
         yield f"line1-cam{i % cameras:02d}", i // cameras, img, defect
 
 

@@ -8,18 +8,27 @@
 training script of ``models/vibration-gauss`` imports it from here, so a model is
 always scored on exactly the features it was fitted on.
 
-Features (all dimensionless or logarithms, so that a healthy machine at another
-speed or load lands near the same point):
+The features are logarithms of levels in g or of dimensionless ratios, in four
+groups (:data:`FEATURE_GROUPS`), one per thing a vibration analyst looks at:
 
-* time domain: log RMS, log peak, log crest factor, log kurtosis;
-* spectrum: log fraction of the power in 0-100, 100-500, 500-1000 Hz and 1 kHz up
-  to Nyquist (at most 2.5 kHz), where bearing-defect impacts ring the structure;
-* shaft orders (the shaft speed is the strongest peak in ``shaft_hz``): log
-  amplitude of 1x, log power fraction of 1x, 2x, 3x, of the half orders
-  0.5x/1.5x/2.5x and of the higher harmonics 4x-10x;
-* envelope: kurtosis of the 1 kHz+ band and the peak of its envelope spectrum at
-  the outer-race defect frequency (searched in ``bearing_orders`` x shaft speed)
-  over the envelope spectrum's median level.
+* ``imbalance``: amplitude of the 1x shaft line (g);
+* ``looseness``: amplitude (g) of the half orders 0.5x/1.5x/2.5x and of the
+  harmonics 4x-10x, each over a floor of :data:`AMP_FLOOR_G` so that the noise
+  level of a healthy machine does not spread them out; crest factor (a clipped,
+  truncated waveform lowers it);
+* ``bearing``: in the band :data:`BEARING_BAND_HZ` (1.25-2.5 kHz, above the
+  structural resonances of the machine, where outer-race impacts ring): kurtosis,
+  and the squared-envelope spectrum at the outer-race defect frequency (BPFO,
+  searched in ``bearing_orders`` x shaft speed) summed over its first three
+  harmonics, over the median level of that spectrum. Both are ratios: the band's
+  level itself is mostly sensor noise, which differs from sensor to sensor (and
+  with the sampling rate), so it is left out;
+* ``overall``: RMS, kurtosis, amplitudes of 2x and 3x (g), fraction of the power
+  up to 2.5 kHz in 0-100, 100-500, 500-1000 Hz and 1-2.5 kHz.
+
+The shaft speed is the strongest spectral line in ``shaft_hz``, refined by
+parabolic interpolation; order lines are summed over +-3 % of their frequency
+(at least +-2 bins), so that slow speed wander stays inside.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from ..exceptions import BadInput, TopologyError
 from .base import SOURCE, Node, NodeEnv, RunContext, register
 
 __all__ = [
+    "FEATURE_GROUPS",
     "FEATURE_NAMES",
     "SensorWindow",
     "SensorFeatures",
@@ -41,28 +51,33 @@ __all__ = [
     "window_from_reading",
 ]
 
-FEATURE_NAMES: tuple[str, ...] = (
-    "log_rms",
-    "log_peak",
-    "log_crest",
-    "log_kurtosis",
-    "log_frac_0_100hz",
-    "log_frac_100_500hz",
-    "log_frac_500_1000hz",
-    "log_frac_1000hz_up",
-    "log_amp_1x",
-    "log_frac_1x",
-    "log_frac_2x",
-    "log_frac_3x",
-    "log_frac_half_orders",
-    "log_frac_4x_10x",
-    "log_kurtosis_1000hz_up",
-    "log_envelope_bpfo_peak",
-)
+#: Feature names by fault group, in input order. A model may score each group on its own.
+FEATURE_GROUPS: dict[str, tuple[str, ...]] = {
+    "imbalance": ("log_amp_1x",),
+    "looseness": ("log_amp_half_orders", "log_amp_4x_10x", "log_crest"),
+    "bearing": ("log_kurtosis_hf", "log_ses_bpfo"),
+    "overall": (
+        "log_rms",
+        "log_kurtosis",
+        "log_amp_2x",
+        "log_amp_3x",
+        "log_frac_0_100hz",
+        "log_frac_100_500hz",
+        "log_frac_500_1000hz",
+        "log_frac_1000hz_up",
+    ),
+}
+FEATURE_NAMES: tuple[str, ...] = tuple(name for names in FEATURE_GROUPS.values() for name in names)
 
 _EPS = 1e-12
-#: the sampling rate needed for the 1 kHz+ band (its top is at most 2.5 kHz and below Nyquist)
-MIN_RATE_HZ = 2500.0
+#: band where bearing impacts ring: above the structural modes, up to 2.5 kHz (and 0.96 x Nyquist)
+BEARING_BAND_HZ = (1250.0, 2500.0)
+#: the spectrum features look at frequencies up to this
+TOP_HZ = 2500.0
+#: floor (g) added to the half-order and 4x-10x amplitudes before the logarithm
+AMP_FLOOR_G = 0.01
+#: the sampling rate needed for the bearing band (1.25 kHz up to at least 1.9 kHz below Nyquist)
+MIN_RATE_HZ = 4000.0
 MIN_SAMPLES = 256
 
 
@@ -80,8 +95,8 @@ def vibration_features(
 ) -> np.ndarray:
     """The feature vector (float32, in the order of :data:`FEATURE_NAMES`) of one vibration window.
 
-    ``x`` holds at least :data:`MIN_SAMPLES` finite samples taken at ``rate_hz`` (>= 2500 Hz).
-    Raises ValueError for input that cannot give features.
+    ``x`` holds at least :data:`MIN_SAMPLES` finite samples (g) taken at ``rate_hz``
+    (>= :data:`MIN_RATE_HZ`). Raises ValueError for input that cannot give features.
     """
     x = np.asarray(x, dtype=np.float64).ravel()
     if x.size < MIN_SAMPLES:
@@ -100,25 +115,20 @@ def vibration_features(
     peak = float(np.max(np.abs(x)))
     kurt = float(np.mean(x**4)) / (power**2 + _EPS) if power > 0 else 0.0
 
-    # spectrum (Hann window, one-sided power)
+    # spectrum (Hann window, one-sided power); a line of amplitude A (g) sums to A^2 / line_gain
     win = np.hanning(n)
-    spec = np.fft.rfft(x * win)
-    p = np.abs(spec) ** 2
+    p = np.abs(np.fft.rfft(x * win)) ** 2
     p[0] = 0.0
     freqs = np.fft.rfftfreq(n, 1.0 / rate_hz)
     df = rate_hz / n
-    total = float(p.sum()) + _EPS
-    hf_lo, hf_hi = 1000.0, min(2500.0, 0.96 * nyq)
+    line_gain = 4.0 / (float((win**2).sum()) * n)
+    top = min(TOP_HZ, nyq)
+    total = float(p[freqs <= top].sum()) + _EPS
 
-    def frac(mask: np.ndarray) -> float:
-        return float(p[mask].sum()) / total
+    def frac(lo: float, hi: float) -> float:
+        return float(p[(freqs >= lo) & (freqs < hi)].sum()) / total
 
-    bands = [
-        frac(freqs < 100.0),
-        frac((freqs >= 100.0) & (freqs < 500.0)),
-        frac((freqs >= 500.0) & (freqs < 1000.0)),
-        frac(freqs >= hf_lo),
-    ]
+    bands = [frac(0.0, 100.0), frac(100.0, 500.0), frac(500.0, 1000.0), frac(1000.0, top + df)]
 
     # shaft speed: strongest line in the search range, refined by parabolic interpolation
     lo, hi = float(shaft_hz[0]), float(shaft_hz[1])
@@ -135,50 +145,61 @@ def vibration_features(
         f_r = lo
     f_r = float(max(f_r, df))
 
-    order = {o: frac(_order_mask(freqs, o * f_r, df)) for o in (1, 2, 3)}
-    half_orders = sum(frac(_order_mask(freqs, o * f_r, df)) for o in (0.5, 1.5, 2.5))
-    high = sum(frac(_order_mask(freqs, o * f_r, df)) for o in range(4, 11))
-    # amplitude of the 1x line in g (Hann window: coherent gain 0.5)
-    m1 = _order_mask(freqs, f_r, df)
-    amp_1x = 2.0 * math.sqrt(float(p[m1].sum()) / float((win**2).sum()) / n) if m1.any() else 0.0
+    def amp(orders: Sequence[float]) -> float:
+        """RSS amplitude (g) of the lines at these shaft orders."""
+        s = sum(float(p[_order_mask(freqs, o * f_r, df)].sum()) for o in orders)
+        return math.sqrt(s * line_gain)
 
-    # high band: impulsiveness and envelope spectrum. The band-pass works on the FFT of the
-    # window with 10 % cosine tapers (so that the strong low orders do not leak into the band),
-    # and only the untapered middle of the band signal is used.
+    amp_1x, amp_2x, amp_3x = amp((1,)), amp((2,)), amp((3,))
+    amp_half = amp((0.5, 1.5, 2.5))
+    amp_high = amp(range(4, 11))
+
+    # bearing band: impulsiveness and squared-envelope spectrum. The band-pass works on
+    # the FFT of the window with 10 % cosine tapers (so that the strong low orders do not leak
+    # into the band), and only the untapered middle of the band signal is used.
     m = n // 10
     taper = np.ones(n)
     ramp = 0.5 * (1.0 - np.cos(np.pi * np.arange(m) / m))
     taper[:m], taper[n - m :] = ramp, ramp[::-1]
-    band = (freqs >= hf_lo) & (freqs < hf_hi)
+    band = (freqs >= BEARING_BAND_HZ[0]) & (freqs < min(BEARING_BAND_HZ[1], 0.96 * nyq))
     analytic = np.zeros(n, dtype=complex)
     analytic[: freqs.size][band] = 2.0 * np.fft.rfft(x * taper)[band]
     env_c = np.fft.ifft(analytic)[m : n - m]  # analytic band signal (Hilbert via the FFT)
     xb = env_c.real
     pb = float(np.mean(xb**2))
     kurt_hf = float(np.mean(xb**4)) / (pb**2 + _EPS) if pb > 0 else 0.0
-    env = np.abs(env_c)
-    env = env - env.mean()
-    pe = np.abs(np.fft.rfft(env * np.hanning(env.size))) ** 2
-    fe = np.fft.rfftfreq(env.size, 1.0 / rate_hz)
-    b_lo, b_hi = float(bearing_orders[0]) * f_r, float(bearing_orders[1]) * f_r
-    in_b = (fe >= b_lo) & (fe <= b_hi)
+    env2 = np.abs(env_c) ** 2
+    env2 = env2 - env2.mean()
+    pe = np.abs(np.fft.rfft(env2 * np.hanning(env2.size))) ** 2
+    fe = np.fft.rfftfreq(env2.size, 1.0 / rate_hz)
+    cand = np.nonzero((fe >= float(bearing_orders[0]) * f_r) & (fe <= float(bearing_orders[1]) * f_r))[0]
     ref = (fe >= 0.5 * f_r) & (fe <= min(12.0 * f_r, nyq))
-    env_peak = float(pe[in_b].max()) / (float(np.median(pe[ref])) + _EPS) if in_b.any() and ref.any() else 1.0
+    ses = 0.0
+    if cand.size and ref.any():
+        # BPFO and its 2nd and 3rd harmonics (each the largest of 3 bins around h x the candidate bin)
+        pm = np.maximum(pe, np.maximum(np.r_[pe[1:], 0.0], np.r_[0.0, pe[:-1]]))
+        last = pe.size - 1
+        harm = pe[cand] + pm[np.minimum(2 * cand, last)] * (2 * cand <= last)
+        harm = harm + pm[np.minimum(3 * cand, last)] * (3 * cand <= last)
+        ses = float(harm.max()) / (float(np.median(pe[ref])) + _EPS)
 
-    feats = [
-        math.log(rms + 1e-9),
-        math.log(peak + 1e-9),
-        math.log((peak + 1e-9) / (rms + 1e-9)),
-        math.log(kurt + 1e-6),
-        *(math.log(b + 1e-9) for b in bands),
-        math.log(amp_1x + 1e-9),
-        *(math.log(order[o] + 1e-9) for o in (1, 2, 3)),
-        math.log(half_orders + 1e-9),
-        math.log(high + 1e-9),
-        math.log(kurt_hf + 1e-6),
-        math.log(env_peak + 1e-6),
-    ]
-    return np.asarray(feats, dtype=np.float32)
+    values = {
+        "log_amp_1x": math.log(amp_1x + 1e-9),
+        "log_amp_half_orders": math.log(amp_half + AMP_FLOOR_G),
+        "log_amp_4x_10x": math.log(amp_high + AMP_FLOOR_G),
+        "log_crest": math.log((peak + 1e-9) / (rms + 1e-9)),
+        "log_kurtosis_hf": math.log(kurt_hf + 1e-6),
+        "log_ses_bpfo": math.log(ses + 1e-6),
+        "log_rms": math.log(rms + 1e-9),
+        "log_kurtosis": math.log(kurt + 1e-6),
+        "log_amp_2x": math.log(amp_2x + 1e-9),
+        "log_amp_3x": math.log(amp_3x + 1e-9),
+        "log_frac_0_100hz": math.log(bands[0] + 1e-9),
+        "log_frac_100_500hz": math.log(bands[1] + 1e-9),
+        "log_frac_500_1000hz": math.log(bands[2] + 1e-9),
+        "log_frac_1000hz_up": math.log(bands[3] + 1e-9),
+    }
+    return np.asarray([values[name] for name in FEATURE_NAMES], dtype=np.float32)
 
 
 def window_from_reading(msg: Mapping[str, Any], *, window: int, node: str = "") -> tuple[np.ndarray, float]:
@@ -262,7 +283,7 @@ class SensorFeatures(Node):
       ``shaft_hz``        [low, high] range where the shaft speed line is searched (default [10, 60])
       ``bearing_orders``  [low, high] shaft orders where the outer-race defect frequency (BPFO) is
                           searched in the envelope spectrum (default [3.0, 4.0])
-      ``min_rate_hz``     lowest accepted sampling rate (default 2500; not lower)
+      ``min_rate_hz``     lowest accepted sampling rate (default 4000; not lower)
 
     The defaults are those the shipped ``models/vibration-gauss`` model was trained with.
     """
@@ -280,7 +301,8 @@ class SensorFeatures(Node):
         self.min_rate_hz = float(self.param("min_rate_hz", MIN_RATE_HZ, kind=(int, float)))
         if self.min_rate_hz < MIN_RATE_HZ:
             raise TopologyError(
-                f"param 'min_rate_hz' cannot be below {MIN_RATE_HZ:g} (the features use the band up to 1.25 kHz+)",
+                f"param 'min_rate_hz' cannot be below {MIN_RATE_HZ:g} (the bearing features need the band "
+                f"from 1.25 kHz up to at least 1.9 kHz below Nyquist)",
                 path=f"nodes.{node_id}.params.min_rate_hz",
             )
 

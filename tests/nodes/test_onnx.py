@@ -101,8 +101,8 @@ def test_settings_providers_override_params():
 
 
 def test_metadata(model):
-    assert model.model_info == {"name": "surface-ae", "version": "1.0.0"}
-    assert model.threshold == pytest.approx(1.4891)
+    assert model.model_info == {"name": "surface-ae", "version": "1.1.0"}
+    assert model.threshold == pytest.approx(1.6823)
     assert model.map_threshold == pytest.approx(1.0)
     assert model.input_shape[1:] == [1, 128, 128]
 
@@ -110,8 +110,8 @@ def test_metadata(model):
 def test_output_carries_metadata_and_context(model):
     (out,) = model.process_batch(runs(1), tensors(1))
     assert set(out) == {"outputs", "model", "threshold", "map_threshold", "context"}
-    assert out["model"] == {"name": "surface-ae", "version": "1.0.0"}
-    assert out["threshold"] == pytest.approx(1.4891)
+    assert out["model"] == {"name": "surface-ae", "version": "1.1.0"}
+    assert out["threshold"] == pytest.approx(1.6823)
     assert out["map_threshold"] == pytest.approx(1.0)
     assert out["context"] == {"orig_size": [240, 320]}
     assert set(out["outputs"]) == {"score", "anomaly_map"}

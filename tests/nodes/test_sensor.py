@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,14 @@ from streamd import synth
 from streamd.config import Settings
 from streamd.exceptions import BadInput, TopologyError
 from streamd.nodes.base import SOURCE, NodeEnv, Origin, RunContext, resolve
-from streamd.nodes.sensor import FEATURE_NAMES, SensorFeatures, SensorWindow, vibration_features
+from streamd.nodes.sensor import (
+    AMP_FLOOR_G,
+    FEATURE_GROUPS,
+    FEATURE_NAMES,
+    SensorFeatures,
+    SensorWindow,
+    vibration_features,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,14 +76,35 @@ def test_features_use_the_last_window_samples(env):
 
 
 def test_features_separate_faults_from_healthy(env):
+    """The same machine (same seed) with each fault: the feature of that fault's group rises."""
     node = SensorFeatures("features", {}, env)
-    i_rms, i_kurt_hf, i_half = (
-        FEATURE_NAMES.index(k) for k in ("log_rms", "log_kurtosis_1000hz_up", "log_frac_half_orders")
+    i_1x, i_kurt_hf, i_ses, i_half, i_high = (
+        FEATURE_NAMES.index(k)
+        for k in ("log_amp_1x", "log_kurtosis_hf", "log_ses_bpfo", "log_amp_half_orders", "log_amp_4x_10x")
     )
     ok = node.process(RUN, {SOURCE: reading(window(None, 3))})
-    assert node.process(RUN, {SOURCE: reading(window("imbalance", 3))})[i_rms] > ok[i_rms] + 0.5
-    assert node.process(RUN, {SOURCE: reading(window("bearing", 3))})[i_kurt_hf] > ok[i_kurt_hf] + 0.3
-    assert node.process(RUN, {SOURCE: reading(window("looseness", 3))})[i_half] > ok[i_half] + 2.0
+    imbalance = node.process(RUN, {SOURCE: reading(window("imbalance", 3))})
+    assert imbalance[i_1x] > ok[i_1x] + math.log(2.5) - 0.05  # the 1x line rises 2.5-4.5 times
+    bearing = node.process(RUN, {SOURCE: reading(window("bearing", 3))})
+    assert bearing[i_kurt_hf] > ok[i_kurt_hf] + 0.3 and bearing[i_ses] > ok[i_ses] + 1.0
+    looseness = node.process(RUN, {SOURCE: reading(window("looseness", 3))})
+    assert looseness[i_half] > ok[i_half] + 1.0 and looseness[i_high] > ok[i_high] + 0.5
+
+
+def test_feature_groups_cover_the_features_once():
+    names = [n for group in FEATURE_GROUPS.values() for n in group]
+    assert tuple(names) == FEATURE_NAMES and len(set(names)) == len(names)
+    assert set(FEATURE_GROUPS) == {"imbalance", "looseness", "bearing", "overall"}
+
+
+def test_line_amplitudes_are_in_g():
+    """A pure 1x line of 0.25 g and a 2x line of 0.05 g read as such (Hann window, +-3 % band)."""
+    t = np.arange(4096) / 5000.0
+    x = 0.25 * np.sin(2 * np.pi * 30.3 * t) + 0.05 * np.sin(2 * np.pi * 60.6 * t + 1.0)
+    f = dict(zip(FEATURE_NAMES, np.exp(vibration_features(x, 5000.0)), strict=True))
+    assert f["log_amp_1x"] == pytest.approx(0.25, rel=0.01)
+    assert f["log_amp_2x"] == pytest.approx(0.05, rel=0.01)
+    assert f["log_amp_half_orders"] == pytest.approx(AMP_FLOOR_G, rel=0.05)  # nothing there: the floor
 
 
 def test_features_after_sensor_window(env):
@@ -115,10 +144,12 @@ def test_values_must_be_binary(env):
     assert info.value.reason == "bad_values"
 
 
-def test_too_low_a_sampling_rate_is_rejected(env):
+@pytest.mark.parametrize("rate_hz", [1000.0, 3000.0])
+def test_too_low_a_sampling_rate_is_rejected(env, rate_hz):
+    """The bearing band starts at 1.25 kHz: under 4 kHz it would be (nearly) above Nyquist."""
     node = SensorFeatures("features", {}, env)
     with pytest.raises(BadInput, match="below") as info:
-        node.process(RUN, {SOURCE: reading(window(), rate_hz=1000.0)})
+        node.process(RUN, {SOURCE: reading(window(), rate_hz=rate_hz)})
     assert info.value.reason == "bad_values"
 
 
@@ -143,6 +174,7 @@ def test_wrong_message_kind_is_rejected(env):
         ({"shaft_hz": 30}, "nodes.features.params.shaft_hz"),
         ({"bearing_orders": [3.0]}, "nodes.features.params.bearing_orders"),
         ({"min_rate_hz": 100}, "nodes.features.params.min_rate_hz"),
+        ({"min_rate_hz": 3000}, "nodes.features.params.min_rate_hz"),
     ],
 )
 def test_bad_params_name_their_yaml_path(env, params, path):
@@ -158,12 +190,14 @@ def test_features_feed_the_shipped_sensor_model(env):
     model = resolve("onnx.model")("model", {"model": "models/vibration-gauss/model.onnx", "providers": ["cpu"]}, env)
     score = resolve("anomaly.score")("score", {"label": "vibration"}, env)
     model.setup()
-    verdicts = {}
+    verdicts, worst_group = {}, {}
     for fault in (None, "bearing", "imbalance", "looseness"):
         f = feats.process(RUN, {SOURCE: reading(window(fault, 5))})
         out = model.process(RUN, {"features": f})
         verdicts[fault] = score.process(RUN, {"model": out})
+        worst_group[fault] = list(FEATURE_GROUPS)[int(np.argmax(out["outputs"]["group_score"]))]
     assert verdicts[None]["anomaly"] is False
     for fault in synth.SENSOR_FAULTS:
         assert verdicts[fault]["anomaly"] is True, (fault, verdicts[fault])
+        assert worst_group[fault] == fault  # group_score tells which fault group raised the score
     assert verdicts["bearing"]["model"]["name"] == "vibration-gauss"
