@@ -250,6 +250,16 @@ def _pair(node: Node, name: str, default: tuple[float, float]) -> tuple[float, f
     return float(value[0]), float(value[1])
 
 
+def _window_param(node: Node) -> int:
+    window = int(node.param("window", 4096, kind=int))
+    if window < MIN_SAMPLES:
+        raise TopologyError(
+            f"param 'window' must be at least {MIN_SAMPLES} samples, got {window}",
+            path=f"nodes.{node.node_id}.params.window",
+        )
+    return window
+
+
 @register("sensor.window")
 class SensorWindow(Node):
     """Root Node for ``reading`` sources: the last ``window`` samples as ``{"values", "rate_hz"}``.
@@ -259,12 +269,7 @@ class SensorWindow(Node):
 
     def __init__(self, node_id: str, params: Mapping[str, Any], env: NodeEnv) -> None:
         super().__init__(node_id, params, env)
-        self.window = self.param("window", 4096, kind=int)
-        if self.window < MIN_SAMPLES:
-            raise TopologyError(
-                f"param 'window' must be at least {MIN_SAMPLES} samples, got {self.window}",
-                path=f"nodes.{node_id}.params.window",
-            )
+        self.window = _window_param(self)
 
     def process(self, run: RunContext, inputs: Mapping[str, Any]) -> Any:
         values, rate = window_from_reading(_single(self, inputs), window=self.window, node=self.node_id)
@@ -290,12 +295,7 @@ class SensorFeatures(Node):
 
     def __init__(self, node_id: str, params: Mapping[str, Any], env: NodeEnv) -> None:
         super().__init__(node_id, params, env)
-        self.window = self.param("window", 4096, kind=int)
-        if self.window < MIN_SAMPLES:
-            raise TopologyError(
-                f"param 'window' must be at least {MIN_SAMPLES} samples, got {self.window}",
-                path=f"nodes.{node_id}.params.window",
-            )
+        self.window = _window_param(self)
         self.shaft_hz = _pair(self, "shaft_hz", (10.0, 60.0))
         self.bearing_orders = _pair(self, "bearing_orders", (3.0, 4.0))
         self.min_rate_hz = float(self.param("min_rate_hz", MIN_RATE_HZ, kind=(int, float)))
