@@ -81,6 +81,9 @@ class Dispatcher:
             queue=q,
             routing_key=q,
             exchange=f"streamd.{self.topology.name}",
+            # Celery would saferepr() the whole batch into the message headers for its logs: not needed.
+            argsrepr=f"[{self.topology.name!r}, {stage.id!r}, <batch {batch.batch_id} of {len(batch.runs)}>]",
+            kwargsrepr="{}",
         )
 
     def queue_depths(self) -> dict[str, int]:

@@ -12,6 +12,16 @@ Back-pressure: under ``overload: block`` the agent waits until the topic has
 room below ``max_in_flight``; faust's buffers fill and it stops fetching, so
 lag grows and nothing is dropped.
 
+Micro-batches: a batch is cut ``batch.max_wait_ms`` after its first event,
+unless runs of the topic are still in flight (the workers are busy): then it
+keeps gathering up to ``batch.busy_wait_ms``, so a loaded pipeline gets full
+batches (one task per stage per batch) and a light one keeps its latency.
+
+Fetching: faust hard-codes ``fetch_max_wait_ms=1500`` for its consumer; a
+broker that answers a parked fetch only at that deadline (tansu does) would
+hold every frame up to 1.5 s, so the daemon sets it from
+``STREAMD_KAFKA_FETCH_MAX_WAIT_MS``.
+
 Shutdown: SIGTERM stops the agents (``stream_wait_empty`` is off: faust's
 ``wait_empty`` hangs forever on an event that is never acked) and a watchdog
 ends the process after ``STREAMD_DRAIN_TIMEOUT_S`` whatever faust is doing.
@@ -125,6 +135,7 @@ class Daemon:
             store="memory://",
             **kwargs,
         )
+        app.transport = _kafka_transport(app, s.kafka_fetch_max_wait_ms)
         for spec in self.topology.sources:
             topic = app.topic(spec.topic, key_type=bytes, value_type=bytes, key_serializer="raw",
                               value_serializer="raw", partitions=spec.partitions)
@@ -137,10 +148,11 @@ class Daemon:
         spec = self.topology.source(topic)
         batch_max = max(1, min(self.topology.batch_max, spec.max_in_flight))
         wait_s = self.topology.batch_wait_ms / 1000.0
+        busy_s = max(wait_s, self.topology.batch_busy_wait_ms / 1000.0)
 
         async def ingest(stream: Any) -> None:
             queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=batch_max)
-            flusher = asyncio.ensure_future(self._flusher(topic, queue, batch_max, wait_s))
+            flusher = asyncio.ensure_future(self._flusher(topic, queue, batch_max, wait_s, busy_s))
             flusher.add_done_callback(_crash_on_error)
             try:
                 async for event in stream.noack().events():
@@ -151,20 +163,34 @@ class Daemon:
         ingest.__name__ = f"ingest_{topic.replace('.', '_').replace('-', '_')}"
         return ingest
 
-    async def _flusher(self, topic: str, queue: asyncio.Queue[Any], batch_max: int, wait_s: float) -> None:
+    async def _flusher(self, topic: str, queue: asyncio.Queue[Any], batch_max: int, wait_s: float,
+                       busy_s: float) -> None:
         loop = asyncio.get_running_loop()
         while True:
             events = [await queue.get()]
-            deadline = loop.time() + wait_s
+            start = loop.time()
+            deadline, last = start + wait_s, start + busy_s
             while len(events) < batch_max:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
+                now = loop.time()
+                if now >= deadline:
+                    # The window is over: cut the batch, unless the workers are still busy with earlier
+                    # runs of this topic; then gather one more window (at most until busy_wait_ms).
+                    if now >= last or await self._idle(topic):
+                        break
+                    deadline = min(loop.time() + max(wait_s, 0.002), last)
+                    continue
                 try:
-                    events.append(await asyncio.wait_for(queue.get(), remaining))
+                    events.append(await asyncio.wait_for(queue.get(), deadline - now))
                 except TimeoutError:
-                    break
+                    pass
             await self._handoff(topic, events)
+
+    async def _idle(self, topic: str) -> bool:
+        try:
+            n = await asyncio.get_running_loop().run_in_executor(self.pool, self.store.in_flight, topic)
+        except _INFRA_ERRORS:
+            return True  # no batching decision worth waiting for: _handoff retries the hand-off itself
+        return n == 0
 
     async def _handoff(self, topic: str, events: list[Any]) -> None:
         loop = asyncio.get_running_loop()
@@ -290,6 +316,26 @@ def consumer_lag(settings: Settings, group_id: str, topology: Topology) -> dict[
         return lag
     finally:
         c.close()
+
+
+def _kafka_transport(app: faust.App, fetch_max_wait_ms: int) -> Any:
+    """faust's aiokafka transport with ``fetch_max_wait_ms`` set (faust hard-codes 1500 ms)."""
+    from faust.transport.drivers import aiokafka as driver
+
+    class ConsumerThread(driver.AIOKafkaConsumerThread):
+        def _create_worker_consumer(self, transport: Any) -> Any:
+            consumer = super()._create_worker_consumer(transport)
+            consumer._fetch_max_wait_ms = fetch_max_wait_ms  # read by AIOKafkaConsumer.start() for its fetcher
+            return consumer
+
+    class KafkaConsumer(driver.Consumer):
+        def _new_consumer_thread(self) -> Any:
+            return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    class Transport(driver.Transport):
+        Consumer = KafkaConsumer
+
+    return Transport(app.conf.broker_consumer, app)
 
 
 def _faust_credentials(security: dict[str, str]) -> Any:

@@ -72,6 +72,7 @@ class Topology:
     fusion: bool = True
     batch_max: int = 16
     batch_wait_ms: float = 5.0
+    batch_busy_wait_ms: float = 40.0
     file: str = ""
     base_dir: Path = field(default_factory=Path.cwd)
     order: tuple[str, ...] = ()
@@ -306,10 +307,13 @@ def parse(data: Any, *, file: str = "", base_dir: Path | None = None, settings: 
     if not _NAME.match(name):
         raise r.fail("name", f"{name!r} must be lower-case letters, digits, '_' or '-' (it names queues and keys)")
     batch = r.mapping(m.get("batch") or {}, "batch")
-    r.unknown_keys(batch, {"max_size", "max_wait_ms"}, "batch")
+    r.unknown_keys(batch, {"max_size", "max_wait_ms", "busy_wait_ms"}, "batch")
     wait = r.get(batch, "max_wait_ms", "batch", (int, float), 5.0)
     if wait < 0:
         raise r.fail("batch.max_wait_ms", "must be 0 or more")
+    busy_wait = r.get(batch, "busy_wait_ms", "batch", (int, float), max(40.0, wait))
+    if busy_wait < wait:
+        raise r.fail("batch.busy_wait_ms", f"must be at least max_wait_ms ({wait})")
     nodes = _parse_nodes(r, m.get("nodes"))
     topo = Topology(
         name=name,
@@ -320,6 +324,7 @@ def parse(data: Any, *, file: str = "", base_dir: Path | None = None, settings: 
         fusion=r.get(m, "fusion", "", bool, True),
         batch_max=r.positive(batch, "max_size", "batch", 16),
         batch_wait_ms=float(wait),
+        batch_busy_wait_ms=float(busy_wait),
         file=file,
         base_dir=base_dir or Path.cwd(),
         order=_check_graph(r, nodes),

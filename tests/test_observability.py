@@ -136,8 +136,9 @@ class Prometheus:
             with urllib.request.urlopen(self.base + path, timeout=10) as r:
                 body = r.read()
                 return r.status, json.loads(body) if body[:1] == b"{" else body
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"{}")
+        except urllib.error.HTTPError as e:  # e.g. 503 "Service Unavailable" in plain text while starting
+            body = e.read()
+            return e.code, json.loads(body) if body[:1] == b"{" else body
         except OSError:
             return 0, None
 

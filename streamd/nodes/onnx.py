@@ -79,6 +79,9 @@ class OnnxModel(Node):
         threads = self.env.settings.onnx_threads or max(1, os.cpu_count() or 1)
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        # The intra-op pool busy-waits for work between runs by default; in a worker that does Redis and
+        # broker I/O between runs, next to other processes, that spinning burns CPU they need.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=chosen)
         active = self.session.get_providers()

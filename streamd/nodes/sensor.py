@@ -250,8 +250,7 @@ def _pair(node: Node, name: str, default: tuple[float, float]) -> tuple[float, f
     return float(value[0]), float(value[1])
 
 
-def _window_param(node: Node) -> int:
-    window = int(node.param("window", 4096, kind=int))
+def _check_window(node: Node, window: int) -> int:
     if window < MIN_SAMPLES:
         raise TopologyError(
             f"param 'window' must be at least {MIN_SAMPLES} samples, got {window}",
@@ -269,7 +268,7 @@ class SensorWindow(Node):
 
     def __init__(self, node_id: str, params: Mapping[str, Any], env: NodeEnv) -> None:
         super().__init__(node_id, params, env)
-        self.window = _window_param(self)
+        self.window = _check_window(self, self.param("window", 4096, kind=int))
 
     def process(self, run: RunContext, inputs: Mapping[str, Any]) -> Any:
         values, rate = window_from_reading(_single(self, inputs), window=self.window, node=self.node_id)
@@ -295,7 +294,7 @@ class SensorFeatures(Node):
 
     def __init__(self, node_id: str, params: Mapping[str, Any], env: NodeEnv) -> None:
         super().__init__(node_id, params, env)
-        self.window = _window_param(self)
+        self.window = _check_window(self, self.param("window", 4096, kind=int))
         self.shaft_hz = _pair(self, "shaft_hz", (10.0, 60.0))
         self.bearing_orders = _pair(self, "bearing_orders", (3.0, 4.0))
         self.min_rate_hz = float(self.param("min_rate_hz", MIN_RATE_HZ, kind=(int, float)))
