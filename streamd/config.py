@@ -49,7 +49,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("STREAMD_KAFKA_SASL_PASSWORD", "", "SASL password", secret=True),
     Variable("STREAMD_KAFKA_SSL_CA_LOCATION", "", "CA bundle for Kafka TLS"),
     Variable("STREAMD_ONNX_PROVIDERS", "", "execution providers to try, e.g. tensorrt,cuda,cpu (default: per Node)"),
-    Variable("STREAMD_ONNX_THREADS", "0", "intra-op threads per worker process (0: cores / processes)"),
+    Variable("STREAMD_ONNX_THREADS", "0", "intra-op threads per worker process (0: cores / processes; 1 for gpu)"),
     Variable("STREAMD_WORKER_CONCURRENCY", "0", "processes per worker (0: 1 for gpu, cores for cpu)"),
     Variable("STREAMD_MODELS_DIR", "",
              "where relative model paths resolve first (then the topology's folder, its parent, ./)"),

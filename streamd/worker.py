@@ -5,7 +5,7 @@ STREAMD_WORKER_CONCURRENCY): a worker that serves ``gpu`` runs one prefork
 process (one ONNX Runtime session, one GPU context); a ``cpu``-only worker
 runs one prefork process per core. Each process builds the topology's Nodes
 after the fork, loads and warms up its models at start, and sets ONNX
-Runtime's intra-op threads to cores / processes so processes do not
+Runtime's intra-op threads to cores / processes (1 for a gpu worker) so processes do not
 oversubscribe the machine.
 """
 
@@ -186,7 +186,10 @@ def run_worker(topology: Topology, settings: Settings, queues: list[str], *, poo
         )
     pool, concurrency = choose_pool(queues, settings, pool, concurrency)
     if not settings.onnx_threads:
-        settings = replace(settings, onnx_threads=max(1, (os.cpu_count() or 1) // concurrency))
+        # A gpu worker's model runs on the GPU; on a CPU fallback one thread leaves the cores to the cpu
+        # workers next to it (measured: benchmarks/, docs/performance.md). A cpu pool splits the cores.
+        threads = 1 if "gpu" in queues else max(1, (os.cpu_count() or 1) // concurrency)
+        settings = replace(settings, onnx_threads=threads)
     app, _ = build_worker_app(topology, settings, queues, metrics)
     argv = [
         "worker",
