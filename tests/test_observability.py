@@ -128,8 +128,13 @@ class Prometheus:
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         self.base = f"http://127.0.0.1:{self.port}"
-        wait_port("127.0.0.1", self.port, timeout=60, proc=self.proc, what="prometheus")
-        wait_for(lambda: self._get("/-/ready")[0] == 200, timeout=60, what="prometheus ready")
+        try:
+            wait_port("127.0.0.1", self.port, timeout=60, proc=self.proc, what="prometheus")
+            wait_for(lambda: self._get("/-/ready")[0] == 200, timeout=60, what="prometheus ready")
+        except BaseException:  # no teardown runs for a half-built fixture: do not leak the server
+            self.proc.kill()
+            self.proc.wait(10)
+            raise
 
     def _get(self, path: str) -> tuple[int, Any]:
         try:
