@@ -193,10 +193,17 @@ class Daemon:
         return n == 0
 
     async def _handoff(self, topic: str, events: list[Any]) -> None:
+        if self.topology.source(topic).overload != "block":
+            await self._handoff_now(topic, events)
+            return
+        while events:  # under block: hand off as many as there is room for, in order, then wait for more
+            room = await self._wait_room(topic)
+            await self._handoff_now(topic, events[:room])
+            events = events[room:]
+
+    async def _handoff_now(self, topic: str, events: list[Any]) -> None:
         loop = asyncio.get_running_loop()
         msgs = [InMessage(e.message.topic, e.message.partition, e.message.offset, e.key, e.value) for e in events]
-        if self.topology.source(topic).overload == "block":
-            await self._wait_room(topic, len(msgs))
         delay = 0.2
         while True:
             try:
@@ -211,7 +218,8 @@ class Daemon:
         for e in events:
             e.ack()
 
-    async def _wait_room(self, topic: str, n: int) -> None:
+    async def _wait_room(self, topic: str) -> int:
+        """Wait until the topic has room for at least one more run in flight; return the room."""
         loop = asyncio.get_running_loop()
         delay = 0.005
         stale_after = self.settings.frame_ttl_s * 2
@@ -222,8 +230,8 @@ class Daemon:
             except _INFRA_ERRORS as exc:
                 log.error("cannot read in-flight count for %s: %s", topic, exc)
                 room = 0
-            if room >= n:
-                return
+            if room >= 1:
+                return room
             await asyncio.sleep(delay)
             waited += delay
             delay = min(delay * 2, 0.25)
