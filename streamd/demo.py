@@ -118,9 +118,12 @@ class Demo:
                 if self.args.frames and self.sent >= self.args.frames:
                     p.flush(10)
                     return
+                # defects at a steady cadence (1 in round(1/rate)), cycling through the kinds, so even a
+                # short run shows each kind; which camera gets one still varies
                 defect = None
-                if rng.random() < self.args.defect_rate:
-                    defect = synth.DEFECT_KINDS[int(rng.integers(len(synth.DEFECT_KINDS)))]
+                period = max(1, round(1 / self.args.defect_rate)) if self.args.defect_rate > 0 else 0
+                if period and self.sent % period == period // 2:
+                    defect = synth.DEFECT_KINDS[(self.sent // period) % len(synth.DEFECT_KINDS)]
                 img, _ = synth.camera_frame(rng, defect=defect, size=(240, 320), channels=3)
                 buf = io.BytesIO()
                 Image.fromarray(img).save(buf, format="JPEG", quality=90)
