@@ -17,25 +17,11 @@ from typing import Any
 
 
 def kafka_transport(app: Any, fetch_max_wait_ms: int) -> Any:
-    """faust's aiokafka transport with ``fetch_max_wait_ms`` set (faust hard-codes 1500 ms).
+    """faust's aiokafka transport with ``fetch_max_wait_ms`` set: the patch has landed, so this is
+    streamd's own (``STREAMD_KAFKA_FETCH_MAX_WAIT_MS``), kept as a shim for older trees' comparisons."""
+    from streamd.daemon import _kafka_transport
 
-    This function is the proposed addition to streamd/daemon.py, verbatim."""
-    from faust.transport.drivers import aiokafka as driver
-
-    class ConsumerThread(driver.AIOKafkaConsumerThread):
-        def _create_worker_consumer(self, transport: Any) -> Any:
-            consumer = super()._create_worker_consumer(transport)
-            consumer._fetch_max_wait_ms = fetch_max_wait_ms  # read by AIOKafkaConsumer.start() for its fetcher
-            return consumer
-
-    class KafkaConsumer(driver.Consumer):
-        def _new_consumer_thread(self) -> Any:
-            return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
-
-    class Transport(driver.Transport):
-        Consumer = KafkaConsumer
-
-    return Transport(app.conf.broker_consumer, app)
+    return _kafka_transport(app, fetch_max_wait_ms)
 
 
 def patch_fetch_wait(max_wait_ms: int) -> None:
