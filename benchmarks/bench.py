@@ -577,19 +577,20 @@ def inline_main(idx: int, topo_path: str, env: dict[str, str], group: str, statu
     os.environ.update(env)
     from streamd import tp
     from streamd.config import Settings
-    from streamd.dag import plan
     from streamd.kafka import Publisher
+    from streamd.memory import tune_malloc
     from streamd.nodes.base import SOURCE, Origin, RunContext
     from streamd.runs import run_id_for
     from streamd.topology import load
 
     settings = Settings.from_env()
+    if settings.malloc_tuning:
+        tune_malloc()  # as `streamd run` and `streamd worker` do: the same allocator on both sides
     topo = load(topo_path, settings=settings)
     node_env = topo.node_env(settings)
     node_env.publisher = Publisher(settings)
     nodes = topo.build_nodes(node_env)
-    p = plan(topo, {n for n, node in nodes.items() if node.is_sink})
-    order = [n for sid in p.order for n in p.stages[sid].nodes]
+    order = list(topo.order)  # a topological order: every Node after its parents
     for n in order:
         nodes[n].setup()
     spec = topo.sources[0]

@@ -66,6 +66,10 @@ def run(args: argparse.Namespace) -> int:
         env = {"STREAMD_KAFKA_BOOTSTRAP": services.kafka, "STREAMD_REDIS_URL": services.redis_url,
                "STREAMD_BROKER_URL": services.broker_url, "STREAMD_ONNX_THREADS": str(args.onnx_threads)}
         settings = Settings.from_env(env)
+        if settings.malloc_tuning:
+            from streamd.memory import tune_malloc
+
+            tune_malloc()  # as `streamd run` and `streamd worker` do
         ensure_topics(settings, topo.topics())
         t = load(topo.path, settings=settings)
         import redis

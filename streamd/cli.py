@@ -86,6 +86,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         return run_demo(args, settings)
     topology = topo_mod.load(args.topology, settings=settings)
+    if settings.malloc_tuning:
+        from .memory import tune_malloc
+
+        tune_malloc()
     if args.command == "run":
         from .daemon import Daemon
 

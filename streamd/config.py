@@ -51,6 +51,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("STREAMD_ONNX_PROVIDERS", "", "execution providers to try, e.g. tensorrt,cuda,cpu (default: per Node)"),
     Variable("STREAMD_ONNX_THREADS", "0", "intra-op threads per worker process (0: cores / processes; 1 for gpu)"),
     Variable("STREAMD_WORKER_CONCURRENCY", "0", "processes per worker (0: 1 for gpu, cores for cpu)"),
+    Variable("STREAMD_MALLOC_TUNING", "1",
+             "1: keep large buffers in the heap (glibc mallopt thresholds, see streamd.memory); 0: leave malloc alone"),
     Variable("STREAMD_MODELS_DIR", "",
              "where relative model paths resolve first (then the topology's folder, its parent, ./)"),
 )
@@ -87,6 +89,13 @@ def _int(env: Mapping[str, str], name: str, minimum: int = 0) -> int:
     return value
 
 
+def _switch(env: Mapping[str, str], name: str) -> bool:
+    raw = _get(env, name).strip().lower()
+    if raw not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+        raise ConfigError(f"{name}={raw!r}: use 1 or 0")
+    return raw in ("1", "true", "yes", "on")
+
+
 def _float(env: Mapping[str, str], name: str) -> float:
     raw = _get(env, name)
     try:
@@ -115,6 +124,7 @@ class Settings:
     onnx_providers: tuple[str, ...] = ()
     onnx_threads: int = 0
     worker_concurrency: int = 0
+    malloc_tuning: bool = True
     models_dir: str = ""
 
     @classmethod
@@ -158,6 +168,7 @@ class Settings:
             onnx_providers=providers,
             onnx_threads=_int(env, "STREAMD_ONNX_THREADS"),
             worker_concurrency=_int(env, "STREAMD_WORKER_CONCURRENCY"),
+            malloc_tuning=_switch(env, "STREAMD_MALLOC_TUNING"),
             models_dir=_get(env, "STREAMD_MODELS_DIR"),
         )
 

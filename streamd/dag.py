@@ -1,13 +1,17 @@
 """The execution plan of a topology: Nodes grouped into stages.
 
 A *stage* is what one Celery task runs: a chain of Nodes on the same queue
-where each Node is the only child of the one before and has no other parent
-(operator chaining, as Flink does). Fusion is on by default; ``fusion: false``
-on the topology or ``fuse: false`` on a Node turns it off, and then every Node
-is its own stage. Outputs cross Redis only between stages.
+where each Node but the last has exactly one child, the next (operator
+chaining, as Flink does). Fusion is on by default; ``fusion: false`` on the
+topology or ``fuse: false`` on a Node turns it off, and then every Node is its
+own stage. Outputs cross Redis only between stages.
 
-A stage whose first Node has several parents is a *join*: it runs once, after
-all its parent stages have stored their outputs (see :mod:`streamd.runs`).
+A Node of the chain may have parents outside it (a *join fused into the
+chain*): ``combine`` with parents ``ae_score`` and ``quality`` joins the stage
+of the parent that is deepest in the DAG (``ae_score``, behind the model), and
+the stage then waits for every stage that holds one of its outside parents.
+A stage with several parent stages is a *join*: it runs once, after all of
+them have stored their outputs (see :mod:`streamd.runs`).
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ class Stage:
     queue: str
     parents: tuple[str, ...]  # parent stage ids
     children: tuple[str, ...]  # child stage ids
-    input_nodes: tuple[str, ...]  # parent Node ids of the first Node (empty for a root stage)
+    input_nodes: tuple[str, ...]  # Nodes outside the stage whose outputs it reads (empty for a root stage)
     has_sink: bool
+    node_parents: tuple[tuple[str, ...], ...]  # each Node's parents, in the topology's order
 
     @property
     def head(self) -> str:
@@ -64,31 +69,29 @@ def plan(topo: Topology, sink_nodes: set[str], *, fusion: bool | None = None) ->
     fuse_all = topo.fusion if fusion is None else fusion
     stage_of: dict[str, str] = {}
     chains: dict[str, list[str]] = {}
+    depth: dict[str, int] = {}
     for n in topo.order:
         spec = topo.nodes[n]
-        if fuse_all and spec.fuse and len(spec.parents) == 1:
-            p = spec.parents[0]
-            if len(topo.children(p)) == 1 and topo.nodes[p].queue == spec.queue and topo.nodes[p].fuse:
-                sid = stage_of[p]
-                if chains[sid][-1] == p:
-                    chains[sid].append(n)
-                    stage_of[n] = sid
-                    continue
-        stage_of[n] = n
-        chains[n] = [n]
+        depth[n] = 1 + max((depth[p] for p in spec.parents), default=-1)
+        host = _host(topo, n, stage_of, chains, depth) if fuse_all and spec.fuse else None
+        if host is not None:
+            chains[stage_of[host]].append(n)
+            stage_of[n] = stage_of[host]
+        else:
+            stage_of[n] = n
+            chains[n] = [n]
     stages = {}
     for sid, chain in chains.items():
-        head = topo.nodes[chain[0]]
-        parents = tuple(dict.fromkeys(stage_of[p] for p in head.parents))
-        children = tuple(dict.fromkeys(stage_of[c] for c in topo.children(chain[-1])))
+        outside = tuple(dict.fromkeys(p for n in chain for p in topo.nodes[n].parents if stage_of[p] != sid))
         stages[sid] = Stage(
             id=sid,
             nodes=tuple(chain),
-            queue=head.queue,
-            parents=parents,
-            children=children,
-            input_nodes=head.parents,
+            queue=topo.nodes[chain[0]].queue,
+            parents=tuple(dict.fromkeys(stage_of[p] for p in outside)),
+            children=tuple(dict.fromkeys(stage_of[c] for c in topo.children(chain[-1]))),
+            input_nodes=outside,
             has_sink=any(n in sink_nodes for n in chain),
+            node_parents=tuple(tuple(topo.nodes[n].parents) for n in chain),
         )
     order = tuple(s for s in dict.fromkeys(stage_of[n] for n in topo.order))
     return Plan(
@@ -97,3 +100,19 @@ def plan(topo: Topology, sink_nodes: set[str], *, fusion: bool | None = None) ->
         order=order,
         sink_stages=tuple(s for s in order if stages[s].has_sink),
     )
+
+
+def _host(topo: Topology, n: str, stage_of: dict[str, str], chains: dict[str, list[str]],
+          depth: dict[str, int]) -> str | None:
+    """The parent whose chain ``n`` extends, or None: ``n`` starts a stage of its own.
+
+    A parent qualifies when ``n`` is its only child, it ends its chain, it runs
+    on ``n``'s queue and it may fuse. Of several, the deepest in the DAG wins
+    (the one most likely to finish last), so the other parents' stages are
+    done, or nearly, when the chain gets to ``n``.
+    """
+    spec = topo.nodes[n]
+    fits = [p for p in spec.parents
+            if topo.children(p) == [n] and chains[stage_of[p]][-1] == p
+            and topo.nodes[p].queue == spec.queue and topo.nodes[p].fuse]
+    return max(fits, key=lambda p: depth[p]) if fits else None

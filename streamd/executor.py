@@ -79,12 +79,19 @@ class StageExecutor:
             if shed:
                 keep = [i for i, r in enumerate(runs) if r.run_id not in shed]
                 runs, inputs = [runs[i] for i in keep], [inputs[i] for i in keep]
-        for node_id in stage.nodes:
+        # ``inputs[k]`` holds run k's values by Node id: the outside parents' outputs, then each Node's own
+        for node_id, parents in zip(stage.nodes, stage.node_parents, strict=True):
             if not runs:
                 break
-            runs, outs, failed = self._call(node_id, runs, inputs, final_attempt=final_attempt)
+            args = [{p: values[p] for p in parents} if parents else values for values in inputs]
+            ok, outs, failed = self._call(node_id, runs, args, final_attempt=final_attempt)
             letters += failed
-            inputs = [{node_id: o} for o in outs]
+            if len(ok) != len(runs):
+                kept = {r.run_id for r in ok}
+                inputs = [v for r, v in zip(runs, inputs, strict=True) if r.run_id in kept]
+            runs = ok
+            for values, out in zip(inputs, outs, strict=True):
+                values[node_id] = out
         if stage.children and runs:
             runs, inputs, bad = self._store_outputs(stage, batch, runs, inputs)
             letters += bad

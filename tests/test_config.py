@@ -123,6 +123,7 @@ def test_from_env_reads_os_environ_by_default(monkeypatch):
         ("STREAMD_ONNX_THREADS", "-2"),
         ("STREAMD_ONNX_THREADS", "many"),
         ("STREAMD_WORKER_CONCURRENCY", "1.5"),
+        ("STREAMD_MALLOC_TUNING", "maybe"),
     ],
 )
 def test_invalid_values_raise_config_error_naming_the_variable(name, value):
@@ -189,3 +190,9 @@ def test_secret_variables_are_marked():
 
 def test_every_variable_is_accepted_with_its_default():
     assert Settings.from_env(DEFAULTS) == Settings.from_env({})
+
+
+@pytest.mark.parametrize(("value", "expected"), [("1", True), ("0", False), ("off", False), ("TRUE", True)])
+def test_malloc_tuning_switch(value, expected):
+    assert Settings.from_env({"STREAMD_MALLOC_TUNING": value}).malloc_tuning is expected
+    assert Settings.from_env({}).malloc_tuning is True

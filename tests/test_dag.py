@@ -71,12 +71,11 @@ def test_shipped_stages(shipped):
     assert summary(shipped) == {
         "decode": (("decode", "preprocess"), "cpu"),
         "autoencoder": (("autoencoder",), "gpu"),
-        "ae_score": (("ae_score",), "cpu"),
         "quality": (("quality",), "cpu"),
-        "combine": (("combine", "publish"), "cpu"),
+        "ae_score": (("ae_score", "combine", "publish"), "cpu"),
     }
     assert shipped.topology == "surface-inspection"
-    assert shipped.order == ("decode", "autoencoder", "quality", "ae_score", "combine")
+    assert shipped.order == ("decode", "autoencoder", "quality", "ae_score")
 
 
 def test_shipped_root_is_decode_and_preprocess_fused(shipped):
@@ -103,24 +102,28 @@ def test_shipped_gpu_model_is_its_own_stage(shipped):
     assert shipped.stages["ae_score"].queue == "cpu"
 
 
-def test_shipped_join_at_combine_fused_with_publish(shipped):
-    combine = shipped.stages["combine"]
-    assert combine.parents == ("ae_score", "quality")
-    assert combine.input_nodes == ("ae_score", "quality")
-    assert combine.nodes == ("combine", "publish")
-    assert combine.children == ()
-    assert combine.has_sink
-    assert not combine.is_root
+def test_shipped_join_at_combine_fused_into_the_model_branch(shipped):
+    # combine joins the chain of its deepest parent (ae_score, behind the model); the stage then waits
+    # for the quality stage too, and reads both outside parents' outputs
+    last = shipped.stages["ae_score"]
+    assert last.nodes == ("ae_score", "combine", "publish")
+    assert last.parents == ("autoencoder", "quality")
+    assert last.input_nodes == ("autoencoder", "quality")
+    assert last.node_parents == (("autoencoder",), ("ae_score", "quality"), ("combine",))
+    assert last.children == ()
+    assert last.has_sink
+    assert not last.is_root
+    assert shipped.stages["quality"].children == ("ae_score",)
 
 
 def test_shipped_sink_stages(shipped):
-    assert shipped.sink_stages == ("combine",)
-    assert [s for s in shipped.order if shipped.stages[s].has_sink] == ["combine"]
+    assert shipped.sink_stages == ("ae_score",)
+    assert [s for s in shipped.order if shipped.stages[s].has_sink] == ["ae_score"]
 
 
 def test_stage_of(shipped):
     assert shipped.stage_of("preprocess").id == "decode"
-    assert shipped.stage_of("publish").id == "combine"
+    assert shipped.stage_of("publish").id == "ae_score"
     assert shipped.stage_of("autoencoder").id == "autoencoder"
     with pytest.raises(KeyError):
         shipped.stage_of("nope")
@@ -209,15 +212,56 @@ def test_fan_out_and_join(tmp_path):
         "out": {"type": SINK, "parents": ["join"]},
     }
     p = make_plan(topo(tmp_path, nodes))
+    # join extends the chain of its deepest parent (right2); its other parent's stage becomes a parent stage
     assert summary(p) == {
         "a": (("a",), "cpu"),
         "left": (("left",), "cpu"),
-        "right": (("right", "right2"), "cpu"),
-        "join": (("join", "out"), "cpu"),
+        "right": (("right", "right2", "join", "out"), "cpu"),
     }
     assert p.stages["a"].children == ("left", "right")
+    assert p.stages["right"].parents == ("a", "left")
+    assert p.stages["right"].input_nodes == ("a", "left")
+    assert p.stages["left"].children == ("right",)
+
+
+def test_join_with_equal_depths_extends_the_first_parent(tmp_path):
+    nodes = {
+        "a": {"type": PASS},
+        "left": {"type": PASS, "parents": ["a"]},
+        "right": {"type": PASS, "parents": ["a"]},
+        "join": {"type": PASS, "parents": ["left", "right"]},
+        "out": {"type": SINK, "parents": ["join"]},
+    }
+    p = make_plan(topo(tmp_path, nodes))
+    assert summary(p) == {"a": (("a",), "cpu"), "left": (("left", "join", "out"), "cpu"), "right": (("right",), "cpu")}
+    assert p.stages["left"].node_parents == (("a",), ("left", "right"), ("join",))
+
+
+def test_join_is_not_fused_into_a_parent_with_other_children_or_on_another_queue(tmp_path):
+    nodes = {
+        "a": {"type": PASS},
+        "left": {"type": PASS, "parents": ["a"]},
+        "tap": {"type": SINK, "parents": ["left"]},  # left has two children: its chain ends there
+        "right": {"type": PASS, "parents": ["a"], "queue": "gpu"},
+        "join": {"type": PASS, "parents": ["left", "right"]},
+        "out": {"type": SINK, "parents": ["join"]},
+    }
+    p = make_plan(topo(tmp_path, nodes))
+    assert p.stages["join"].nodes == ("join", "out")
     assert p.stages["join"].parents == ("left", "right")
-    assert p.stages["join"].input_nodes == ("left", "right2")
+    assert p.stages["join"].input_nodes == ("left", "right")
+
+
+def test_join_fusion_off_with_fusion_false(tmp_path):
+    nodes = {
+        "a": {"type": PASS},
+        "left": {"type": PASS, "parents": ["a"]},
+        "right": {"type": PASS, "parents": ["a"]},
+        "join": {"type": PASS, "parents": ["left", "right"]},
+        "out": {"type": SINK, "parents": ["join"]},
+    }
+    p = make_plan(topo(tmp_path, nodes, fusion=False))
+    assert p.stages["join"].parents == ("left", "right") and p.stages["join"].nodes == ("join",)
 
 
 def test_several_sink_stages(tmp_path):

@@ -95,8 +95,8 @@ class DeadLetters:
 
 
 #            check -> double ─┬─> left ──┬─> sink      stages: check[check, double], left, right, sink (join)
-#                             └─> right ─┘
-def topology_yaml(name: str, fail_seqs: Sequence[int]) -> dict[str, Any]:
+#                             └─> right ─┘             with fuse_join: check[check, double], left[left, sink], right
+def topology_yaml(name: str, fail_seqs: Sequence[int], fuse_join: bool = False) -> dict[str, Any]:
     mod = __name__
     return {
         "name": name,
@@ -107,17 +107,18 @@ def topology_yaml(name: str, fail_seqs: Sequence[int]) -> dict[str, Any]:
             "double": {"type": f"{mod}:Double", "parents": ["check"]},
             "left": {"type": f"{mod}:Double", "parents": ["double"]},
             "right": {"type": f"{mod}:Flaky", "parents": ["double"], "params": {"fail_seqs": list(fail_seqs)}},
-            "sink": {"type": f"{mod}:Recorder", "parents": ["left", "right"]},
+            "sink": {"type": f"{mod}:Recorder", "parents": ["left", "right"], "fuse": fuse_join},
         },
     }
 
 
 class Harness:
-    def __init__(self, client: redis.Redis, tmp_path: Path, fail_seqs: Sequence[int] = ()) -> None:
+    def __init__(self, client: redis.Redis, tmp_path: Path, fail_seqs: Sequence[int] = (),
+                 fuse_join: bool = False) -> None:
         self.client = client
         self.name = f"test-exec-{uuid.uuid4().hex[:10]}"
         path = tmp_path / f"{self.name}.yaml"
-        path.write_text(yaml.safe_dump(topology_yaml(self.name, fail_seqs), sort_keys=False))
+        path.write_text(yaml.safe_dump(topology_yaml(self.name, fail_seqs, fuse_join), sort_keys=False))
         settings = Settings()
         self.topology = load(path, settings=settings)
         nodes = self.topology.build_nodes(self.topology.node_env(settings))
@@ -172,8 +173,8 @@ class Harness:
 def make(client: redis.Redis, tmp_path: Path) -> Iterator[Any]:
     made: list[Harness] = []
 
-    def factory(fail_seqs: Sequence[int] = ()) -> Harness:
-        h = Harness(client, tmp_path, fail_seqs)
+    def factory(fail_seqs: Sequence[int] = (), fuse_join: bool = False) -> Harness:
+        h = Harness(client, tmp_path, fail_seqs, fuse_join)
         made.append(h)
         return h
 
@@ -189,6 +190,13 @@ def test_plan_of_the_test_topology(make):
     assert {sid: s.nodes for sid, s in h.plan.stages.items()} == {
         "check": ("check", "double"), "left": ("left",), "right": ("right",), "sink": ("sink",)}
     assert h.plan.stages["sink"].parents == ("left", "right")
+
+
+def test_plan_with_the_join_fused_into_a_branch(make):
+    h = make(fuse_join=True)
+    assert {sid: s.nodes for sid, s in h.plan.stages.items()} == {
+        "check": ("check", "double"), "left": ("left", "sink"), "right": ("right",)}
+    assert h.plan.stages["left"].parents == ("check", "right")
 
 
 # -- root stage ------------------------------------------------------------------------------------
@@ -381,6 +389,31 @@ def test_sink_stage_finishes_runs(make):
     assert h.store.frames([r.run_id for r in batch.runs]) == [None, None, None]
     # the batch's intermediate outputs are gone too
     assert h.store.outputs(batch.batch_id, list(h.plan.order)) == [None] * 4
+
+
+def test_fused_join_waits_for_its_outside_parent_and_reads_its_outputs(make):
+    h = make(fuse_join=True)
+    batch = h.admit([2, 4, 6])
+    h.executor.run("check", batch, final_attempt=True)
+    # the stage [left, sink] is a join of check and right: it is not dispatched before right is done
+    assert [s for s, _ in h.calls] == ["right"]
+    h.drain()
+    assert [s for s, _ in h.calls] == []
+    # the same inputs as with the join in a stage of its own (test_sink_stage_finishes_runs)
+    assert h.recorded() == {2: {"left": 8, "right": 5}, 4: {"left": 16, "right": 9}, 6: {"left": 24, "right": 13}}
+    assert h.store.in_flight(TOPIC) == 0
+    assert h.store.store_size() == (0, 0)
+    assert h.store.outputs(batch.batch_id, list(h.plan.order)) == [None] * 3
+
+
+def test_fused_join_skips_a_run_its_outside_parent_dead_lettered(make):
+    h = make(fail_seqs=[4], fuse_join=True)
+    batch = h.admit([2, 4, 6])
+    h.executor.run("check", batch, final_attempt=True)
+    h.drain()  # right fails run 4 for good, then dispatches [left, sink]
+    assert h.recorded() == {2: {"left": 8, "right": 5}, 6: {"left": 24, "right": 13}}
+    assert len(h.dead.letters) == 1  # one outcome per run: no second letter, no result for run 4
+    assert h.store.in_flight(TOPIC) == 0
 
 
 def test_node_duration_is_observed(make):
