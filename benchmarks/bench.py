@@ -76,13 +76,11 @@ SUSTAINED_FACTOR = 2.0
 SUSTAINED_SLACK_MS = 50.0
 @dataclass(frozen=True)
 class Variant:
-    """A streamd configuration to compare: topology edits, environment, proposed daemon patches (shims.py)."""
+    """A streamd configuration to compare: topology edits and environment."""
 
     name: str
     edits: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
-    fetch_wait_ms: int = 0
-    busy_batching_ms: float = 0.0
 
 
 #: ``--compare``: fusion on/off x batch 16/1 (the shipped streamd otherwise).
@@ -92,29 +90,16 @@ COMPARE_VARIANTS = (
     Variant("fusion on, batch 1", {"fusion": True, "batch.max_size": 1}),
     Variant("fusion off, batch 1", {"fusion": False, "batch.max_size": 1}),
 )
-#: ``--experiments``: what each change proposed in docs/performance.md is worth. On a streamd that has
-#: patches 01-04 (benchmarks/patches/), each is taken out again through its setting; on one without
-#: them, they are put in through benchmarks/shims.py. 05 (ae_score on the gpu queue) is a topology edit.
-def experiment_variants() -> tuple[Variant, ...]:
-    from streamd import daemon
-
-    if hasattr(daemon, "_kafka_transport"):  # patches 01-04 are in
-        return (
-            Variant("as is (patches 01-04)"),
-            Variant("without 01: fetch wait 1500 ms", env={"STREAMD_KAFKA_FETCH_MAX_WAIT_MS": "1500"}),
-            Variant("without 02: no busy batching", {"batch.busy_wait_ms": 5}),
-            Variant("with 05: ae_score on the gpu queue", {"nodes.ae_score.queue": "gpu"}),
-            Variant("with 05, ONNX 1 thread", {"nodes.ae_score.queue": "gpu"}, {"STREAMD_ONNX_THREADS": "1"}),
-        )
-    fw, bb = 10, 40.0
-    return (
-        Variant("shipped"),
-        Variant("+ daemon fetch wait 10 ms", fetch_wait_ms=fw),
-        Variant("+ fetch wait, busy batching 40 ms", fetch_wait_ms=fw, busy_batching_ms=bb),
-        Variant("+ fetch wait, ONNX 1 thread (no spinning)", env={"STREAMD_ONNX_THREADS": "1"}, fetch_wait_ms=fw),
-        Variant("+ fetch wait, ae_score on the gpu queue", {"nodes.ae_score.queue": "gpu"}, fetch_wait_ms=fw),
-        Variant("all of the above", {"nodes.ae_score.queue": "gpu"}, {"STREAMD_ONNX_THREADS": "1"}, fw, bb),
-    )
+#: ``--experiments``: what each change of the second round (docs/performance.md) is worth: each is taken
+#: out again through its setting or a topology edit, on the same machine, minutes apart.
+EXPERIMENT_VARIANTS = (
+    Variant("as shipped"),
+    Variant("without join fusion (combine+publish a stage of their own)", {"nodes.combine.fuse": False}),
+    Variant("with float16 tensors between stages", {"nodes.preprocess.params.dtype": "float16",
+                                                     "nodes.autoencoder.params.half_outputs": ["anomaly_map"]}),
+    Variant("without malloc tuning", env={"STREAMD_MALLOC_TUNING": "0"}),
+    Variant("batch.max_size 16 (was the default)", {"batch.max_size": 16}),
+)
 
 
 def log(msg: str) -> None:
@@ -691,11 +676,8 @@ class Streamd:
     """`streamd worker --queues gpu`, `streamd worker --queues cpu` and `streamd run`, as subprocesses."""
 
     def __init__(self, topo: Topo, services: Services, out: Path, extra_env: dict[str, str], *,
-                 fetch_wait_ms: int = 0, busy_batching_ms: float = 0, cpu_concurrency: int = 0,
-                 gpu_concurrency: int = 0) -> None:
+                 cpu_concurrency: int = 0, gpu_concurrency: int = 0) -> None:
         self.topo = topo
-        self.shim = ([f"--fetch-wait-ms={fetch_wait_ms}"] if fetch_wait_ms else []) + (
-            [f"--busy-batching-ms={busy_batching_ms:g}"] if busy_batching_ms else [])
         self.concurrency = {"cpu": cpu_concurrency, "gpu": gpu_concurrency}
         self.out = out
         self.work = out / "work" / topo.name  # faust writes <app>-data/ into its working directory
@@ -708,8 +690,6 @@ class Streamd:
     def _start(self, name: str, *args: str) -> None:
         logf = open(self.out / f"{self.topo.name}-{name}.log", "ab")  # noqa: SIM115 - the child owns it
         cmd = [sys.executable, "-m", "streamd", *args]
-        if name == "daemon" and self.shim:  # proposed patches, measured before they land
-            cmd = [sys.executable, str(Path(__file__).resolve().parent / "shims.py"), *self.shim, "--", *args]
         self.procs[name] = subprocess.Popen(cmd, env=self.env, cwd=self.work, stdout=logf, stderr=subprocess.STDOUT,
                                             start_new_session=True)
 
@@ -1007,8 +987,7 @@ class Running:
 
 
 def start_system(kind: str, args: argparse.Namespace, services: Services, frames: Frames, out: Path, *,
-                 edits: dict[str, Any], extra_env: dict[str, str], label: str, fetch_wait_ms: int,
-                 busy_batching_ms: float) -> Running:
+                 edits: dict[str, Any], extra_env: dict[str, str], label: str) -> Running:
     """Start a system on a fresh broker (when the benchmark owns it) and a fresh topology copy; warm it up."""
     cores = args.cores
     services.fresh_kafka(out)
@@ -1031,8 +1010,7 @@ def start_system(kind: str, args: argparse.Namespace, services: Services, frames
         inline.start()
         groups["inline processes"] = lambda: [q for p in inline.pids() for q in process_tree(p)]
     else:
-        pipeline = system = Streamd(topo, services, out, extra_env, fetch_wait_ms=fetch_wait_ms,
-                                    busy_batching_ms=busy_batching_ms, cpu_concurrency=args.cpu_concurrency,
+        pipeline = system = Streamd(topo, services, out, extra_env, cpu_concurrency=args.cpu_concurrency,
                                     gpu_concurrency=args.gpu_concurrency)
         check = pipeline.check
         pipeline.start()
@@ -1060,19 +1038,15 @@ def start_system(kind: str, args: argparse.Namespace, services: Services, frames
 def run_system(kind: str, args: argparse.Namespace, services: Services, frames: Frames, out: Path, *,
                edits: dict[str, Any], extra_env: dict[str, str], label: str,
                sweep_fractions: Iterable[float] = (), sweep_rates: Iterable[float] = (),
-               profile: bool = False, fetch_wait_ms: int | None = None,
-               busy_batching_ms: float | None = None) -> SystemRun:
+               profile: bool = False) -> SystemRun:
     """Measure one system: throughput and the sustainable-rate search on one start; then, on a second,
     fresh start (an overload was seen to leave both systems slower for the rest of a run), the
     latency at half the sustainable rate and the sweep points, lowest load first.
 
     ``sweep_fractions`` are of this run's own sustainable rate; ``sweep_rates`` are absolute."""
-    fw = args.daemon_fetch_wait_ms if fetch_wait_ms is None else fetch_wait_ms
-    bb = args.daemon_busy_batching_ms if busy_batching_ms is None else busy_batching_ms
 
     def start() -> Running:
-        return start_system(kind, args, services, frames, out, edits=edits, extra_env=extra_env, label=label,
-                            fetch_wait_ms=fw, busy_batching_ms=bb)
+        return start_system(kind, args, services, frames, out, edits=edits, extra_env=extra_env, label=label)
 
     r = start()
     try:
@@ -1155,11 +1129,6 @@ def report(m: dict[str, Any], runs: dict[str, SystemRun], compare: list[SystemRu
     knobs = [f"topology {k}={v}" for k, v in _kv(args.sets).items()] + args.streamd_env
     knobs += [f"worker --queues {q} --concurrency {n}" for q, n in (("cpu", args.cpu_concurrency),
                                                                     ("gpu", args.gpu_concurrency)) if n]
-    if args.daemon_fetch_wait_ms:
-        knobs.append(f"EXPERIMENT daemon fetch_max_wait_ms={args.daemon_fetch_wait_ms} (proposed patch, shims.py)")
-    if args.daemon_busy_batching_ms:
-        knobs.append(f"EXPERIMENT daemon busy batching up to {args.daemon_busy_batching_ms:g} ms "
-                     "(proposed patch, shims.py)")
     lines.append("streamd settings: " + ("; ".join(knobs) if knobs else "as shipped"))
     for key in ("inline", "streamd"):
         r = runs.get(key)
@@ -1286,10 +1255,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="extra environment for the streamd processes (repeatable), e.g. STREAMD_ONNX_THREADS=1")
     p.add_argument("--cpu-concurrency", type=int, default=0, help="streamd worker --queues cpu --concurrency N")
     p.add_argument("--gpu-concurrency", type=int, default=0, help="streamd worker --queues gpu --concurrency N")
-    p.add_argument("--daemon-fetch-wait-ms", type=int, default=0,
-                   help="EXPERIMENT: run the daemon with the proposed fetch-wait patch (benchmarks/shims.py)")
-    p.add_argument("--daemon-busy-batching-ms", type=float, default=0,
-                   help="EXPERIMENT: run the daemon with the proposed busy-batching patch (benchmarks/shims.py)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                    help="topology edit for both systems (repeatable), e.g. fusion=false, batch.max_size=1")
     p.add_argument("--topology", type=Path, default=DEFAULT_TOPOLOGY)
@@ -1362,12 +1327,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.compare:
             variants += COMPARE_VARIANTS
         if args.experiments:
-            variants += experiment_variants()
+            variants += EXPERIMENT_VARIANTS
         for v in variants:
             r = attempt(f"streamd {v.name}", lambda v=v: run_system(  # type: ignore[misc]
                 "streamd", args, services, frames, args.out, edits={**edits, **v.edits},
-                extra_env={**extra_env, **v.env}, label=f"streamd {v.name}", fetch_wait_ms=v.fetch_wait_ms,
-                busy_batching_ms=v.busy_batching_ms))
+                extra_env={**extra_env, **v.env}, label=f"streamd {v.name}"))
             if r:
                 compare.append(r)
     finally:

@@ -107,6 +107,14 @@ PRODUCTION_SETS = [
 ]
 
 
+def shipped_preprocess_params() -> dict:
+    """The ``preprocess`` Node's params in topologies/surface-inspection.yaml (size, grayscale, dtype)."""
+    import yaml
+
+    topo = yaml.safe_load((HERE.parent / "topologies" / "surface-inspection.yaml").read_text())
+    return dict(topo["nodes"]["preprocess"]["params"])
+
+
 class ProductionPath:
     """A frame's way into the model in production: TP frame message -> image.decode -> image.preprocess.
 
@@ -121,7 +129,7 @@ class ProductionPath:
         from streamd.nodes.image import Preprocess
 
         env = NodeEnv(settings=Settings(), topology_name="surface-ae", base_dir=HERE)
-        self._pre = Preprocess("preprocess", {"size": [128, 128], "grayscale": True}, env)
+        self._pre = Preprocess("preprocess", shipped_preprocess_params(), env)
         self._run = RunContext(
             topology="surface-ae", run_id="eval", origin=Origin("cameras.frames", 0, 0), kind="frame"
         )
@@ -140,11 +148,12 @@ class ProductionPath:
         return {"kind": "frame", "codec": "jpeg", "data": buf.getvalue()}
 
     def __call__(self, img: np.ndarray, jpeg_quality: int | None) -> np.ndarray:
-        """uint8 [h, w, c] frame -> float32 [1, 128, 128] model input."""
+        """uint8 [h, w, c] frame -> float32 [1, 128, 128] model input (rounded as the topology's dtype)."""
         from streamd.nodes.image import decode_frame
 
         arr = decode_frame(self.message(img, jpeg_quality))
-        return self._pre.process(self._run, {"decode": arr})["tensor"]
+        tensor = self._pre.process(self._run, {"decode": arr})["tensor"]
+        return tensor.astype(np.float32)  # as the onnx.model Node casts it for the model
 
 
 def production_set(

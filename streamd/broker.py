@@ -17,10 +17,12 @@ Settings that carry streamd's delivery guarantees (see docs/reliability.md):
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from celery import Celery
 from kombu import Exchange, Queue
+from kombu.utils.uuid import uuid
 
 from .config import Settings
 from .dag import Stage
@@ -30,6 +32,8 @@ from .topology import Topology
 __all__ = ["make_celery", "Dispatcher", "TASK_NAME"]
 
 TASK_NAME = "streamd.stage"
+#: AMQP delivery mode of stage tasks: written to disk by RabbitMQ (Celery's default too).
+PERSISTENT = 2
 #: Seconds; redelivery of a task after this long without acknowledgement (Redis broker only).
 VISIBILITY_TIMEOUT_S = 4 * 3600
 
@@ -67,24 +71,62 @@ def make_celery(topology: Topology, settings: Settings) -> Celery:
 
 
 class Dispatcher:
-    """Sends stage tasks (used by the daemon for root stages and by workers for children)."""
+    """Sends stage tasks (used by the daemon for root stages and by workers for children).
+
+    A stage task is the message Celery's ``send_task`` would send (made by
+    Celery's own ``create_task_message``: protocol 2, JSON, persistent),
+    published on a producer this process holds on to. ``send_task`` acquires a
+    producer from the pool, routes, fires signals and re-reads settings on every
+    call: twice the CPU of the publish itself (docs/performance.md), on a path
+    taken once per stage per batch. A publish that fails on the connection is
+    retried once on a fresh producer; a second failure is raised to the caller
+    (the daemon retries its hand-off, a worker's task is retried).
+    """
 
     def __init__(self, app: Celery, topology: Topology) -> None:
         self.app = app
         self.topology = topology
+        self.exchange = f"streamd.{topology.name}"
+        self._producer: Any = None
+        self._pid = -1
+        conn = app.connection_for_write()  # not connected: only asked which errors mean "connection lost"
+        self._lost: tuple[type[BaseException], ...] = tuple(conn.connection_errors)
+        conn.release()
 
     def __call__(self, stage: Stage, batch: Batch) -> None:
         q = self.topology.celery_queue(stage.queue)
-        self.app.send_task(
-            TASK_NAME,
-            args=[self.topology.name, stage.id, batch.message()],
-            queue=q,
-            routing_key=q,
-            exchange=f"streamd.{self.topology.name}",
+        message = self.app.amqp.create_task_message(
+            uuid(), TASK_NAME, [self.topology.name, stage.id, batch.message()], {},
             # Celery would saferepr() the whole batch into the message headers for its logs: not needed.
             argsrepr=f"[{self.topology.name!r}, {stage.id!r}, <batch {batch.batch_id} of {len(batch.runs)}>]",
             kwargsrepr="{}",
         )
+        for attempt in (1, 2):
+            producer = self._held()
+            try:
+                producer.publish(message.body, exchange=self.exchange, routing_key=q, headers=message.headers,
+                                 serializer="json", delivery_mode=PERSISTENT, declare=None, retry=False,
+                                 **message.properties)
+                return
+            except self._lost:
+                self.close()
+                if attempt == 2:
+                    raise
+
+    def _held(self) -> Any:
+        if self._producer is None or self._pid != os.getpid():  # never use a producer made before a fork
+            self._producer = self.app.producer_pool.acquire(block=True)
+            self._pid = os.getpid()
+        return self._producer
+
+    def close(self) -> None:
+        """Give the held producer back (its connection is dropped: it may be the broken one)."""
+        producer, self._producer = self._producer, None
+        if producer is not None and self._pid == os.getpid():
+            try:
+                producer.connection.collect()
+            finally:
+                producer.release()
 
     def queue_depths(self) -> dict[str, int]:
         """Messages ready in each of the topology's queues (passive declare: creates nothing)."""

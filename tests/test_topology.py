@@ -91,7 +91,7 @@ def test_loads_the_shipped_topology():
     assert t.celery_queue("gpu") == "streamd.surface-inspection.gpu"
     assert t.group_id == "streamd-surface-inspection"
     assert t.fusion is True
-    assert (t.batch_max, t.batch_wait_ms) == (16, 5.0)
+    assert (t.batch_max, t.batch_wait_ms) == (32, 5.0)
     src = t.source("cameras.frames")
     assert (src.kind, src.partitions, src.max_in_flight, src.overload) == ("frame", 3, 256, "block")
     assert src.max_message_bytes == 8388608

@@ -14,6 +14,8 @@ from .base import SOURCE, Node, NodeEnv, RunContext, register
 
 __all__ = ["DecodeImage", "Preprocess", "decode_frame", "to_gray"]
 
+#: The tensor types ``image.preprocess`` can give.
+TENSOR_DTYPES = ("float32", "float16")
 #: Refuse images whose decoded size would exceed this many pixels (decompression bombs).
 MAX_PIXELS = 64_000_000
 
@@ -76,7 +78,10 @@ class Preprocess(Node):
     """Resize (bilinear) and normalise an image for a model.
 
     params: ``size`` [h, w] (default [128, 128]); ``grayscale`` (default true);
-    ``scale`` (default 1/255). Output: ``{"tensor": float32 CxHxW, "orig_size": [h, w]}``.
+    ``scale`` (default 1/255); ``dtype`` of the tensor, ``float32`` (default) or ``float16``
+    (half the bytes where the tensor crosses Redis to a Node in another stage; an
+    ``onnx.model`` Node casts it to its model's input type). Output:
+    ``{"tensor": CxHxW array of that dtype, "orig_size": [h, w]}``.
     """
 
     def __init__(self, node_id: str, params: Mapping[str, Any], env: NodeEnv) -> None:
@@ -90,6 +95,13 @@ class Preprocess(Node):
         self.size = (int(size[0]), int(size[1]))
         self.grayscale = bool(self.param("grayscale", True, kind=bool))
         self.scale = float(self.param("scale", 1.0 / 255.0, kind=(int, float)))
+        dtype = self.param("dtype", "float32", kind=str)
+        if dtype not in TENSOR_DTYPES:
+            from ..exceptions import TopologyError
+
+            raise TopologyError(f"dtype must be one of {', '.join(TENSOR_DTYPES)}, got {dtype!r}",
+                                path=f"nodes.{node_id}.params.dtype")
+        self.dtype = np.dtype(dtype)
 
     def process(self, run: RunContext, inputs: Mapping[str, Any]) -> Any:
         (arr,) = inputs.values()
@@ -105,4 +117,4 @@ class Preprocess(Node):
                 for p in planes
             ]
         tensor = np.stack(planes) * np.float32(self.scale)
-        return {"tensor": np.ascontiguousarray(tensor, dtype=np.float32), "orig_size": [int(h), int(w)]}
+        return {"tensor": np.ascontiguousarray(tensor, dtype=self.dtype), "orig_size": [int(h), int(w)]}

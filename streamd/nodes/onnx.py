@@ -7,6 +7,8 @@ params:
   ``input_key``  key of the parent output dict that holds the tensor (default "tensor")
   ``max_batch``  inputs per session.run (default 32)
   ``warmup``     runs at start-up (default 2)
+  ``half_outputs`` names of float outputs to hand on as float16 (default none): half the
+                 bytes where they cross Redis to a Node in another stage
 
 The model's own ``metadata_props`` give ``streamd.name``, ``streamd.version``,
 ``streamd.threshold`` and ``streamd.map_threshold``. Output of this Node per
@@ -60,6 +62,7 @@ class OnnxModel(Node):
         self.input_key = self.param("input_key", "tensor", kind=str)
         self.max_batch = int(self.param("max_batch", 32, kind=int))
         self.warmup = int(self.param("warmup", 2, kind=int))
+        self.half_outputs = [str(n) for n in self.param("half_outputs", [], kind=list)]
         self.session: Any = None
         self.provider = "cpu"
         self.model_info = {"name": self.model_path.stem, "version": "0"}
@@ -104,6 +107,11 @@ class OnnxModel(Node):
         self.input_shape = list(inp.shape)
         self.input_dtype = _DTYPES.get(inp.type, np.float32)
         self.output_names = [o.name for o in self.session.get_outputs()]
+        unknown = [n for n in self.half_outputs if n not in self.output_names]
+        if unknown:
+            raise TopologyError(f"half_outputs names {', '.join(unknown)}, which {self.model_path.name} does not "
+                                f"output (it outputs {', '.join(self.output_names)})",
+                                path=f"nodes.{self.node_id}.params.half_outputs")
         for _ in range(self.warmup):
             dims = [d if isinstance(d, int) and d > 0 else 1 for d in self.input_shape]
             self.session.run(None, {self.input_name: np.zeros(dims, dtype=self.input_dtype)})
@@ -149,6 +157,8 @@ class OnnxModel(Node):
             t0 = time.perf_counter()
             outs = self.session.run(None, {self.input_name: batch})
             elapsed = time.perf_counter() - t0
+            outs = [o.astype(np.float16) if name in self.half_outputs and o.dtype.kind == "f" else o
+                    for name, o in zip(self.output_names, outs, strict=True)]
             m = self.env.metrics
             if m is not None:
                 m.inference_duration.labels(self.model_info["name"], self.provider).observe(elapsed)

@@ -133,6 +133,13 @@ def test_evaluation_input_matches_the_preprocess_node():
         np.testing.assert_allclose(tensor, to_model_input(img), atol=1e-5)
 
 
+def _shipped_preprocess_params() -> dict:
+    import yaml
+
+    topo = yaml.safe_load((MODELS.parent / "topologies" / "surface-inspection.yaml").read_text())
+    return dict(topo["nodes"]["preprocess"]["params"])
+
+
 def _production_path_inputs(frames, codec: str, quality: int) -> tuple[np.ndarray, list[str | None]]:
     """Frames as a camera line sends them (TP frame message), through tp.decode, image.decode, image.preprocess."""
     from streamd import tp
@@ -144,7 +151,7 @@ def _production_path_inputs(frames, codec: str, quality: int) -> tuple[np.ndarra
 
     env = NodeEnv(settings=Settings(), topology_name="t", base_dir=MODELS)
     decode = DecodeImage("decode", {}, env)
-    pre = Preprocess("preprocess", {"size": [128, 128], "grayscale": True}, env)
+    pre = Preprocess("preprocess", _shipped_preprocess_params(), env)  # as shipped: float16 tensors
     xs, labels = [], []
     for source, seq, img, defect in frames:
         packed = frame_message(source, seq, img, ts=0.0, codec=codec)
@@ -154,7 +161,7 @@ def _production_path_inputs(frames, codec: str, quality: int) -> tuple[np.ndarra
         run = RunContext(topology="t", run_id=f"{source}-{seq}", origin=Origin("cameras.frames", 0, seq), kind="frame")
         xs.append(pre.process(run, {"decode": decode.process(run, {SOURCE: msg})})["tensor"])
         labels.append(defect)
-    return np.stack(xs), labels
+    return np.stack(xs).astype(np.float32), labels  # the onnx.model Node casts to the model's input type
 
 
 @pytest.mark.parametrize(

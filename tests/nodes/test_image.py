@@ -251,3 +251,18 @@ def test_preprocess_bad_params(env, params, path):
     with pytest.raises(TopologyError) as info:
         Preprocess("pre", params, env)
     assert info.value.path == path
+
+
+def test_preprocess_float16_tensor_holds_the_float32_values_to_half_precision(env):
+    img = image(96, 160, 3, seed=4)
+    f32 = Preprocess("preprocess", {}, env).process(RUN, {"decode": img})["tensor"]
+    f16 = Preprocess("preprocess", {"dtype": "float16"}, env).process(RUN, {"decode": img})["tensor"]
+    assert f32.dtype == np.float32 and f16.dtype == np.float16 and f16.shape == f32.shape
+    np.testing.assert_allclose(f16.astype(np.float32), f32, atol=5e-4)  # float16 spacing near 1.0 is 2**-11
+
+
+def test_preprocess_unknown_dtype_names_the_param(env):
+    with pytest.raises(TopologyError) as info:
+        Preprocess("preprocess", {"dtype": "uint8"}, env)
+    assert info.value.path == "nodes.preprocess.params.dtype"
+    assert "float32, float16" in str(info.value)
