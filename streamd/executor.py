@@ -92,33 +92,32 @@ class StageExecutor:
             runs = ok
             for values, out in zip(inputs, outs, strict=True):
                 values[node_id] = out
+        ready: list[bool] = []
         if stage.children and runs:
-            runs, inputs, bad = self._store_outputs(stage, batch, runs, inputs)
+            runs, packed, bad = self._pack_outputs(stage, runs, inputs)
             letters += bad
+            if runs:
+                children = [(c, len(self.plan.stages[c].parents)) for c in stage.children]
+                ready = self.store.put_output_and_join(batch.batch_id, stage.id, packed, children,
+                                                       redelivered=redelivered)
         if letters:
             self.dead_letters.publish(letters)
             self.store.finish([r for r in batch.runs if r.run_id in {_run_id(d, batch) for d in letters}])
         if not runs:
             return
         alive = batch.only({r.run_id for r in runs})
-        if stage.children:
-            for child_id in stage.children:
-                child = self.plan.stages[child_id]
-                if self.store.join_ready(batch.batch_id, child.id, stage.id, len(child.parents),
-                                         redelivered=redelivered):
-                    self.dispatch(child, alive)
+        for child_id, go in zip(stage.children, ready, strict=True):
+            if go:
+                self.dispatch(self.plan.stages[child_id], alive)
         if stage.has_sink and self.store.sinks_done(batch.batch_id, stage.id, len(self.plan.sink_stages)):
-            self.store.finish(runs)
-            self.store.forget_batch(batch.batch_id, self.plan.order)
+            self.store.finish(runs, forget=(batch.batch_id, self.plan.order))
 
     # -- steps ---------------------------------------------------------------------
-    def _store_outputs(self, stage: Stage, batch: Batch, runs: list[RunContext], inputs: list[dict[str, Any]]
-                       ) -> tuple[list[RunContext], list[dict[str, Any]], list[DeadLetter]]:
-        """Store the stage's outputs for its children; a run whose output cannot be stored is dead-lettered."""
-        outputs = {r.run_id: i[stage.tail] for r, i in zip(runs, inputs, strict=True)}
+    def _pack_outputs(self, stage: Stage, runs: list[RunContext], inputs: list[dict[str, Any]]
+                      ) -> tuple[list[RunContext], bytes, list[DeadLetter]]:
+        """The stage's outputs, packed for its children; a run whose output cannot be stored is dead-lettered."""
         try:
-            self.store.put_output(batch.batch_id, stage.id, outputs)
-            return runs, inputs, []
+            return runs, pack_value({r.run_id: i[stage.tail] for r, i in zip(runs, inputs, strict=True)}), []
         except TypeError:  # some Node output holds a type that cannot cross stages: find which runs
             letters, keep = [], []
             for k, (run, inp) in enumerate(zip(runs, inputs, strict=True)):
@@ -129,9 +128,8 @@ class StageExecutor:
                     letters.append(DeadLetter(run.origin, "node_failed", f"output of node {stage.tail!r} cannot "
                                               f"be stored for the next stage: {exc}", stage.tail, run.source))
             runs, inputs = [runs[k] for k in keep], [inputs[k] for k in keep]
-            self.store.put_output(batch.batch_id, stage.id, {r.run_id: i[stage.tail] for r, i in
-                                                              zip(runs, inputs, strict=True)})
-            return runs, inputs, letters
+            packed = pack_value({r.run_id: i[stage.tail] for r, i in zip(runs, inputs, strict=True)})
+            return runs, packed, letters
 
     def _inputs(self, stage: Stage, batch: Batch) -> tuple[list[RunContext], list[dict[str, Any]], list[DeadLetter]]:
         runs: list[RunContext] = []

@@ -25,7 +25,7 @@ import redis
 
 from .keys import Keys
 from .nodes.base import Origin, RunContext
-from .values import pack_value, unpack_value
+from .values import unpack_value
 
 __all__ = ["Batch", "RunStore", "run_id_for", "batch_id_for", "member", "parse_member"]
 
@@ -153,41 +153,53 @@ class RunStore:
             pipe.exists(key(rid))
         return {rid for rid, hit in zip(run_ids, pipe.execute(), strict=True) if hit}
 
-    def put_output(self, batch_id: str, stage: str, outputs: Mapping[str, Any]) -> None:
-        self.r.set(self.keys.output(batch_id, stage), pack_value(dict(outputs)), px=self.ttl_ms)
+    def put_output_and_join(self, batch_id: str, stage: str, packed: bytes, children: Sequence[tuple[str, int]],
+                            *, redelivered: bool) -> list[bool]:
+        """Store a stage's packed outputs and record it with each child join, in one round trip.
+
+        ``children`` are (child stage, number of its parent stages); returns, per
+        child, whether this call makes it ready to dispatch. A child with one
+        parent stage is always ready. For a join, exactly one parent sees True in
+        normal running: the one whose record completes the set (a Redis set, so a
+        parent run twice is counted once). A redelivered parent (its worker died
+        mid-task) also sees True once the join is complete, so a crash between
+        recording and dispatching cannot strand the runs; that may run the join
+        twice, which at-least-once allows. One MULTI/EXEC: the output is in Redis
+        before any parent can see the join complete.
+        """
+        pipe = self.r.pipeline(transaction=True)
+        pipe.set(self.keys.output(batch_id, stage), packed, px=self.ttl_ms)
+        joins = [(child, n) for child, n in children if n > 1]
+        for child, _ in joins:
+            key = self.keys.join(batch_id, child)
+            pipe.sadd(key, stage)
+            pipe.scard(key)
+            pipe.pexpire(key, self.ttl_ms)
+        replies = pipe.execute()[1:]
+        ready = {child: bool(replies[3 * i + 1] >= n and (replies[3 * i] or redelivered))
+                 for i, (child, n) in enumerate(joins)}
+        return [ready.get(child, True) for child, _ in children]
 
     def outputs(self, batch_id: str, stages: Sequence[str]) -> list[dict[str, Any] | None]:
         raw = self.r.mget([self.keys.output(batch_id, s) for s in stages])
         return [None if v is None else unpack_value(v) for v in raw]
 
-    def join_ready(self, batch_id: str, stage: str, parent: str, n_parents: int, *, redelivered: bool) -> bool:
-        """Record ``parent`` as done for a join stage; True when this call completes the join.
+    def finish(self, runs: Sequence[RunContext], *, forget: tuple[str, Iterable[str]] | None = None) -> None:
+        """Runs that ended (published or dead-lettered): free their payload and in-flight slot.
 
-        Exactly one parent sees True in normal running. A redelivered parent
-        (its worker died mid-task) also sees True once the join is complete, so
-        a crash between recording and dispatching cannot strand the run; that
-        may run the join stage twice, which at-least-once allows.
-        """
-        if n_parents <= 1:
-            return True
-        key = self.keys.join(batch_id, stage)
-        pipe = self.r.pipeline(transaction=True)
-        pipe.sadd(key, parent)
-        pipe.scard(key)
-        pipe.pexpire(key, self.ttl_ms)
-        added, count, _ = pipe.execute()
-        return bool(count >= n_parents and (added or redelivered))
-
-    def finish(self, runs: Sequence[RunContext]) -> None:
-        """Runs that ended (published or dead-lettered): free their payload and in-flight slot."""
-        if not runs:
+        ``forget`` = (batch id, stage ids) also drops that batch's stage outputs,
+        join sets and sink set, in the same round trip (the batch is done)."""
+        if not runs and forget is None:
             return
         pipe = self.r.pipeline(transaction=False)
         for run in runs:
             pipe.zrem(self.keys.inflight(run.origin.topic), member(run))
             pipe.delete(self.keys.frame(run.run_id))
             pipe.set(self.keys.ended(run.run_id), b"1", px=self.ttl_ms * 2)
-        pipe.hdel(self.keys.bytes(), *[r.run_id for r in runs])
+        if runs:
+            pipe.hdel(self.keys.bytes(), *[r.run_id for r in runs])
+        if forget is not None:
+            pipe.delete(*self._batch_keys(*forget))
         pipe.execute()
 
     def sinks_done(self, batch_id: str, sink_stage: str, n_sinks: int) -> bool:
@@ -201,9 +213,9 @@ class RunStore:
         _, count, _ = pipe.execute()
         return bool(count >= n_sinks)
 
-    def forget_batch(self, batch_id: str, stages: Iterable[str]) -> None:
+    def _batch_keys(self, batch_id: str, stages: Iterable[str]) -> list[str]:
         keys = []
         for s in stages:
             keys += [self.keys.output(batch_id, s), self.keys.join(batch_id, s)]
         keys.append(self.keys.done(batch_id))
-        self.r.delete(*keys)
+        return keys

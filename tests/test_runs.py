@@ -17,6 +17,7 @@ import redis
 from streamd.keys import Keys
 from streamd.nodes.base import Origin, RunContext
 from streamd.runs import Batch, RunStore, batch_id_for, member, parse_member, run_id_for
+from streamd.values import pack_value
 
 REDIS_URL = os.environ.get("STREAMD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 TOPIC = "cameras.frames"
@@ -183,8 +184,8 @@ def test_put_output_and_outputs(store, topology):
     batch = Batch.of([make_run(topology, i) for i in range(2)])
     r0, r1 = (r.run_id for r in batch.runs)
     tensor = np.arange(6, dtype=np.float32).reshape(1, 2, 3)
-    store.put_output(batch.batch_id, "decode", {r0: {"tensor": tensor, "orig_size": [2, 3]}, r1: 7})
-    store.put_output(batch.batch_id, "quality", {r0: "ok"})
+    put(store, batch.batch_id, "decode", {r0: {"tensor": tensor, "orig_size": [2, 3]}, r1: 7})
+    put(store, batch.batch_id, "quality", {r0: "ok"})
     decode, quality, missing = store.outputs(batch.batch_id, ["decode", "quality", "autoencoder"])
     np.testing.assert_array_equal(decode[r0]["tensor"], tensor)
     assert decode[r0]["orig_size"] == [2, 3]
@@ -193,46 +194,65 @@ def test_put_output_and_outputs(store, topology):
     assert missing is None
 
 
+def put(store: RunStore, batch_id: str, stage: str, outputs: dict) -> None:
+    assert store.put_output_and_join(batch_id, stage, pack_value(outputs), [], redelivered=False) == []
+
+
+def join(store: RunStore, batch_id: str, child: str, parent: str, n_parents: int, *, redelivered: bool) -> bool:
+    """``parent`` stores (empty) outputs and records itself with the join ``child``: ready?"""
+    (ready,) = store.put_output_and_join(batch_id, parent, pack_value({}), [(child, n_parents)],
+                                         redelivered=redelivered)
+    return ready
+
+
+def test_outputs_and_joins_in_one_call(store):
+    ready = store.put_output_and_join("b0", "decode", pack_value({"r": 1}), [("quality", 1), ("combine", 2)],
+                                      redelivered=False)
+    assert ready == [True, False]
+    assert store.outputs("b0", ["decode"]) == [{"r": 1}]
+    assert store.put_output_and_join("b0", "ae_score", pack_value({}), [("combine", 2)], redelivered=False) == [True]
+
+
 def test_join_ready_exactly_one_parent_sees_true(store):
-    first = store.join_ready("b1", "combine", "ae_score", 2, redelivered=False)
-    second = store.join_ready("b1", "combine", "quality", 2, redelivered=False)
+    first = join(store, "b1", "combine", "ae_score", 2, redelivered=False)
+    second = join(store, "b1", "combine", "quality", 2, redelivered=False)
     assert (first, second) == (False, True)
 
 
 def test_join_ready_three_parents(store):
-    seen = [store.join_ready("b3", "j", p, 3, redelivered=False) for p in ("a", "b", "c")]
+    seen = [join(store, "b3", "j", p, 3, redelivered=False) for p in ("a", "b", "c")]
     assert seen == [False, False, True]
 
 
 def test_join_ready_single_parent_is_always_ready(store):
-    assert store.join_ready("b", "s", "p", 1, redelivered=False)
-    assert store.join_ready("b", "s", "p", 1, redelivered=False)
+    assert join(store, "b", "s", "p", 1, redelivered=False)
+    assert join(store, "b", "s", "p", 1, redelivered=False)
 
 
 def test_join_ready_redelivered_parent_sees_true_once_complete(store):
-    assert not store.join_ready("b2", "combine", "ae_score", 2, redelivered=False)
-    assert store.join_ready("b2", "combine", "quality", 2, redelivered=False)
+    assert not join(store, "b2", "combine", "ae_score", 2, redelivered=False)
+    assert join(store, "b2", "combine", "quality", 2, redelivered=False)
     # ae_score's worker died after recording itself but before acking: the task comes back
-    assert store.join_ready("b2", "combine", "ae_score", 2, redelivered=True)
+    assert join(store, "b2", "combine", "ae_score", 2, redelivered=True)
 
 
 def test_join_ready_redelivered_before_complete_is_false(store):
-    assert not store.join_ready("b4", "combine", "ae_score", 2, redelivered=False)
-    assert not store.join_ready("b4", "combine", "ae_score", 2, redelivered=True)
+    assert not join(store, "b4", "combine", "ae_score", 2, redelivered=False)
+    assert not join(store, "b4", "combine", "ae_score", 2, redelivered=True)
 
 
 def test_join_ready_rerun_parent_is_not_double_counted(store):
-    assert not store.join_ready("b5", "combine", "ae_score", 2, redelivered=False)
-    assert not store.join_ready("b5", "combine", "ae_score", 2, redelivered=False)
-    assert store.join_ready("b5", "combine", "quality", 2, redelivered=False)
+    assert not join(store, "b5", "combine", "ae_score", 2, redelivered=False)
+    assert not join(store, "b5", "combine", "ae_score", 2, redelivered=False)
+    assert join(store, "b5", "combine", "quality", 2, redelivered=False)
     # and a plain re-run after completion does not dispatch the join again
-    assert not store.join_ready("b5", "combine", "quality", 2, redelivered=False)
+    assert not join(store, "b5", "combine", "quality", 2, redelivered=False)
 
 
 def test_join_is_per_batch_and_stage(store):
-    assert not store.join_ready("bx", "combine", "a", 2, redelivered=False)
-    assert not store.join_ready("by", "combine", "b", 2, redelivered=False)
-    assert not store.join_ready("bx", "other", "b", 2, redelivered=False)
+    assert not join(store, "bx", "combine", "a", 2, redelivered=False)
+    assert not join(store, "by", "combine", "b", 2, redelivered=False)
+    assert not join(store, "bx", "other", "b", 2, redelivered=False)
 
 
 def test_sinks_done(store):
@@ -243,10 +263,10 @@ def test_sinks_done(store):
 
 
 def test_forget_batch(client, store, topology):
-    store.put_output("b7", "decode", {"r": 1})
-    store.join_ready("b7", "combine", "a", 2, redelivered=False)
+    put(store, "b7", "decode", {"r": 1})
+    join(store, "b7", "combine", "a", 2, redelivered=False)
     store.sinks_done("b7", "s1", 2)
-    store.forget_batch("b7", ["decode", "combine"])
+    store.finish([], forget=("b7", ["decode", "combine", "a"]))
     assert store.outputs("b7", ["decode"]) == [None]
     assert list(client.scan_iter(match=f"streamd:{topology}:*b7*")) == []
 
@@ -259,8 +279,8 @@ def test_ttl_on_data_keys(client, topology):
     keys = Keys(topology)
     run = make_run(topology, 1)
     store.admit([(run, b"x")])
-    store.put_output("b8", "decode", {run.run_id: 1})
-    store.join_ready("b8", "combine", "a", 2, redelivered=False)
+    put(store, "b8", "decode", {run.run_id: 1})
+    join(store, "b8", "combine", "a", 2, redelivered=False)
     store.sinks_done("b8", "s1", 2)
     for key in (keys.frame(run.run_id), keys.output("b8", "decode"), keys.join("b8", "combine"), keys.done("b8")):
         ttl = client.pttl(key)
@@ -279,7 +299,7 @@ def test_ttl_on_tombstones_outlives_payloads(client, topology):
 def test_keys_are_prefixed_with_the_topology(client, store, topology):
     run = make_run(topology, 1)
     store.admit([(run, b"x")])
-    store.put_output("b9", "decode", {run.run_id: 1})
+    put(store, "b9", "decode", {run.run_id: 1})
     found = {k.decode() for k in client.scan_iter(match=f"streamd:{topology}:*")}
     assert found == {
         f"streamd:{topology}:frame:{run.run_id}",
