@@ -83,10 +83,10 @@ class Variant:
     env: dict[str, str] = field(default_factory=dict)
 
 
-#: ``--compare``: fusion on/off x batch 16/1 (the shipped streamd otherwise).
+#: ``--compare``: fusion on/off x batch 32 (shipped)/1 (the shipped streamd otherwise).
 COMPARE_VARIANTS = (
-    Variant("fusion on, batch 16", {"fusion": True, "batch.max_size": 16}),
-    Variant("fusion off, batch 16", {"fusion": False, "batch.max_size": 16}),
+    Variant("fusion on, batch 32", {"fusion": True, "batch.max_size": 32}),
+    Variant("fusion off, batch 32", {"fusion": False, "batch.max_size": 32}),
     Variant("fusion on, batch 1", {"fusion": True, "batch.max_size": 1}),
     Variant("fusion off, batch 1", {"fusion": False, "batch.max_size": 1}),
 )
@@ -1244,7 +1244,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="cut a throughput measurement after this many seconds (default 60)")
     p.add_argument("--sweep", action="store_true", help="latency at 0.25..1.0 x the streamd maximum, both systems")
     p.add_argument("--compare", action="store_true",
-                   help="also streamd with fusion on/off x batch 16/1 (throughput and latency at half its max)")
+                   help="also streamd with fusion on/off x batch 32/1 (throughput and latency at half its max)")
     p.add_argument("--experiments", action="store_true",
                    help="also streamd with the proposed changes, one by one and together (EXPERIMENT: patched daemon)")
     p.add_argument("--profile", action="store_true", help="py-spy the streamd processes during the burst")
