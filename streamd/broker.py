@@ -119,6 +119,22 @@ class Dispatcher:
             self._pid = os.getpid()
         return self._producer
 
+    def backlog(self) -> int:
+        """Stage tasks waiting for a worker, over all the topology's queues (passive declares).
+
+        On the held producer's channel; any error counts as no backlog (the
+        caller only uses it to decide how long to gather a batch)."""
+        total = 0
+        try:
+            channel = self._held().channel
+            for q in self.topology.queues():
+                _, ready, _ = channel.queue_declare(queue=self.topology.celery_queue(q), passive=True)
+                total += int(ready)
+        except Exception:
+            self.close()
+            return 0
+        return total
+
     def close(self) -> None:
         """Give the held producer back (its connection is dropped: it may be the broken one)."""
         producer, self._producer = self._producer, None

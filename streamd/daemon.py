@@ -13,12 +13,12 @@ room below ``max_in_flight``; faust's buffers fill and it stops fetching, so
 lag grows and nothing is dropped.
 
 Micro-batches: a batch is cut ``batch.max_wait_ms`` after its first event,
-unless the pipeline already holds at least ``BUSY_FACTOR`` (2) times as many
-runs of the topic as the batch has gathered: then it keeps gathering, window
-by window, up to ``batch.busy_wait_ms``. A light load keeps its latency; a
-load that queues work in front of the batch gets bigger batches (one task per
-stage per batch), so the per-task cost falls as the load rises instead of
-small batches piling up in the broker.
+unless stage tasks are waiting in the broker for a worker (the workers are
+all busy, at any stage): then it keeps gathering, window by window, up to
+``batch.busy_wait_ms``, since handing it off now would only queue it. A
+light load keeps its latency (a free worker takes the batch at once); a load
+that queues work gets bigger batches (one task per stage per batch), so the
+per-task cost falls as the load rises instead of small batches piling up.
 
 Fetching: faust hard-codes ``fetch_max_wait_ms=1500`` for its consumer; a
 broker that answers a parked fetch only at that deadline (tansu does) would
@@ -65,8 +65,6 @@ __all__ = ["Daemon"]
 log = logging.getLogger(__name__)
 
 MONITOR_INTERVAL_S = 5.0
-#: A batch keeps gathering past max_wait_ms while the topic has this many times its size in flight.
-BUSY_FACTOR = 2
 _INFRA_ERRORS = (StreamdError, redis.RedisError, KombuError, OSError, ConnectionError)
 
 
@@ -178,10 +176,9 @@ class Daemon:
             while len(events) < batch_max:
                 now = loop.time()
                 if now >= deadline:
-                    # The window is over: cut the batch, unless the pipeline already holds at least twice as
-                    # many runs of this topic as gathered here; then gather one more window (at most until
-                    # busy_wait_ms). The batch grows with the work queued in front of it.
-                    if now >= last or await self._in_flight(topic) < BUSY_FACTOR * len(events):
+                    # The window is over: cut the batch, unless stage tasks are waiting for a worker (it would
+                    # only queue behind them); then gather one more window, at most until busy_wait_ms.
+                    if now >= last or not await self._backlog():
                         break
                     deadline = min(loop.time() + max(wait_s, 0.002), last)
                     continue
@@ -191,11 +188,8 @@ class Daemon:
                     pass
             await self._handoff(topic, events)
 
-    async def _in_flight(self, topic: str) -> int:
-        try:
-            return int(await asyncio.get_running_loop().run_in_executor(self.pool, self.store.in_flight, topic))
-        except _INFRA_ERRORS:
-            return 0  # no batching decision worth waiting for: _handoff retries the hand-off itself
+    async def _backlog(self) -> int:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self.dispatcher.backlog)
 
     async def _handoff(self, topic: str, events: list[Any]) -> None:
         if self.topology.source(topic).overload != "block":

@@ -81,3 +81,15 @@ def test_dispatch_recovers_after_the_connection_is_lost(setup, broker_url):
     queue = topo.celery_queue(root.queue)
     sizes = sorted(len(json.loads(_get(broker_url, queue).body)[0][2]["runs"]) for _ in range(2))
     assert sizes == [1, 2]
+
+
+def test_backlog_counts_the_tasks_waiting_in_every_queue(setup, broker_url):
+    topo, dispatcher, app = setup
+    stages = plan(topo, {"publish"}).stages
+    assert dispatcher.backlog() == 0
+    dispatcher(stages["decode"], _batch(topo, 2))  # cpu queue
+    dispatcher(stages["autoencoder"], _batch(topo, 1))  # gpu queue
+    dispatcher(stages["autoencoder"], _batch(topo, 3))
+    assert dispatcher.backlog() == 3  # messages, not runs
+    _get(broker_url, topo.celery_queue("gpu"))
+    assert dispatcher.backlog() == 2
