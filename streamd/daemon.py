@@ -174,6 +174,9 @@ class Daemon:
             start = loop.time()
             deadline, last = start + wait_s, start + busy_s
             while len(events) < batch_max:
+                if not queue.empty():  # what is there already: no timer, no task per event
+                    events.append(queue.get_nowait())
+                    continue
                 now = loop.time()
                 if now >= deadline:
                     # The window is over: cut the batch, unless stage tasks are waiting for a worker (it would
