@@ -676,9 +676,10 @@ class Streamd:
     """`streamd worker --queues gpu`, `streamd worker --queues cpu` and `streamd run`, as subprocesses."""
 
     def __init__(self, topo: Topo, services: Services, out: Path, extra_env: dict[str, str], *,
-                 cpu_concurrency: int = 0, gpu_concurrency: int = 0) -> None:
+                 cpu_concurrency: int = 0, gpu_concurrency: int = 0, gpu_pool: str = "") -> None:
         self.topo = topo
         self.concurrency = {"cpu": cpu_concurrency, "gpu": gpu_concurrency}
+        self.pools = {"cpu": "", "gpu": gpu_pool}
         self.out = out
         self.work = out / "work" / topo.name  # faust writes <app>-data/ into its working directory
         self.work.mkdir(parents=True, exist_ok=True)
@@ -696,6 +697,7 @@ class Streamd:
     def start(self) -> None:
         for q in ("gpu", "cpu"):
             extra = ["--concurrency", str(self.concurrency[q])] if self.concurrency[q] else []
+            extra += ["--pool", self.pools[q]] if self.pools[q] else []
             self._start(f"worker-{q}", "worker", str(self.topo.path), "--queues", q, *extra)
         self._start("daemon", "run", str(self.topo.path))
 
@@ -1011,7 +1013,7 @@ def start_system(kind: str, args: argparse.Namespace, services: Services, frames
         groups["inline processes"] = lambda: [q for p in inline.pids() for q in process_tree(p)]
     else:
         pipeline = system = Streamd(topo, services, out, extra_env, cpu_concurrency=args.cpu_concurrency,
-                                    gpu_concurrency=args.gpu_concurrency)
+                                    gpu_concurrency=args.gpu_concurrency, gpu_pool=args.gpu_pool)
         check = pipeline.check
         pipeline.start()
         groups.update(pipeline.groups())
@@ -1129,6 +1131,7 @@ def report(m: dict[str, Any], runs: dict[str, SystemRun], compare: list[SystemRu
     knobs = [f"topology {k}={v}" for k, v in _kv(args.sets).items()] + args.streamd_env
     knobs += [f"worker --queues {q} --concurrency {n}" for q, n in (("cpu", args.cpu_concurrency),
                                                                     ("gpu", args.gpu_concurrency)) if n]
+    knobs += [f"worker --queues gpu --pool {args.gpu_pool}"] if args.gpu_pool else []
     lines.append("streamd settings: " + ("; ".join(knobs) if knobs else "as shipped"))
     for key in ("inline", "streamd"):
         r = runs.get(key)
@@ -1255,6 +1258,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="extra environment for the streamd processes (repeatable), e.g. STREAMD_ONNX_THREADS=1")
     p.add_argument("--cpu-concurrency", type=int, default=0, help="streamd worker --queues cpu --concurrency N")
     p.add_argument("--gpu-concurrency", type=int, default=0, help="streamd worker --queues gpu --concurrency N")
+    p.add_argument("--gpu-pool", choices=("prefork", "solo", "threads"), default="",
+                   help="streamd worker --queues gpu --pool P (default: the worker's own choice, prefork)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                    help="topology edit for both systems (repeatable), e.g. fusion=false, batch.max_size=1")
     p.add_argument("--topology", type=Path, default=DEFAULT_TOPOLOGY)
