@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="a Celery worker serving some of a topology's queues")
     w.add_argument("topology", help="topology YAML file")
     w.add_argument("--queues", "-Q", default="", help="comma-separated queues (default: all of the topology's)")
-    w.add_argument("--pool", choices=("prefork", "solo", "threads"), default=None, help="Celery pool (default prefork; solo measured ~6x slower here, docs/performance.md)")
+    w.add_argument("--pool", choices=("prefork", "solo", "threads"), default=None,
+                   help="Celery pool (default prefork; solo measured ~6x slower, docs/performance.md)")
     w.add_argument("--concurrency", "-c", type=int, default=None,
                    help="processes (default: 1 when serving gpu, else one per core)")
 
