@@ -124,16 +124,12 @@ class Dispatcher:
 
         On the held producer's channel; any error counts as no backlog (the
         caller only uses it to decide how long to gather a batch)."""
-        total = 0
         try:
             channel = self._held().channel
-            for q in self.topology.queues():
-                _, ready, _ = channel.queue_declare(queue=self.topology.celery_queue(q), passive=True)
-                total += int(ready)
+            return sum(self._ready(channel, q) for q in self.topology.queues())
         except Exception:
             self.close()
             return 0
-        return total
 
     def close(self) -> None:
         """Give the held producer back (its connection is dropped: it may be the broken one)."""
@@ -150,10 +146,13 @@ class Dispatcher:
         with self.app.connection_for_write() as conn:
             channel: Any = conn.default_channel
             for q in self.topology.queues():
-                name = self.topology.celery_queue(q)
                 try:
-                    _, count, _ = channel.queue_declare(queue=name, passive=True)
+                    depths[q] = self._ready(channel, q)
                 except Exception:
-                    count = 0
-                depths[q] = int(count)
+                    depths[q] = 0
         return depths
+
+    def _ready(self, channel: Any, queue: str) -> int:
+        """Messages ready in the topology's ``queue`` (passive declare: creates nothing)."""
+        _, count, _ = channel.queue_declare(queue=self.topology.celery_queue(queue), passive=True)
+        return int(count)

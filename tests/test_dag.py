@@ -224,15 +224,18 @@ def test_fan_out_and_join(tmp_path):
     assert p.stages["left"].children == ("right",)
 
 
+#: a -> left, right -> join -> out: a join whose two parents are equally deep
+DIAMOND: dict[str, Any] = {
+    "a": {"type": PASS},
+    "left": {"type": PASS, "parents": ["a"]},
+    "right": {"type": PASS, "parents": ["a"]},
+    "join": {"type": PASS, "parents": ["left", "right"]},
+    "out": {"type": SINK, "parents": ["join"]},
+}
+
+
 def test_join_with_equal_depths_extends_the_first_parent(tmp_path):
-    nodes = {
-        "a": {"type": PASS},
-        "left": {"type": PASS, "parents": ["a"]},
-        "right": {"type": PASS, "parents": ["a"]},
-        "join": {"type": PASS, "parents": ["left", "right"]},
-        "out": {"type": SINK, "parents": ["join"]},
-    }
-    p = make_plan(topo(tmp_path, nodes))
+    p = make_plan(topo(tmp_path, DIAMOND))
     assert summary(p) == {"a": (("a",), "cpu"), "left": (("left", "join", "out"), "cpu"), "right": (("right",), "cpu")}
     assert p.stages["left"].node_parents == (("a",), ("left", "right"), ("join",))
 
@@ -253,14 +256,7 @@ def test_join_is_not_fused_into_a_parent_with_other_children_or_on_another_queue
 
 
 def test_join_fusion_off_with_fusion_false(tmp_path):
-    nodes = {
-        "a": {"type": PASS},
-        "left": {"type": PASS, "parents": ["a"]},
-        "right": {"type": PASS, "parents": ["a"]},
-        "join": {"type": PASS, "parents": ["left", "right"]},
-        "out": {"type": SINK, "parents": ["join"]},
-    }
-    p = make_plan(topo(tmp_path, nodes, fusion=False))
+    p = make_plan(topo(tmp_path, DIAMOND, fusion=False))
     assert p.stages["join"].parents == ("left", "right") and p.stages["join"].nodes == ("join",)
 
 

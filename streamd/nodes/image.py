@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..exceptions import BadInput
+from ..exceptions import BadInput, TopologyError
 from .base import SOURCE, Node, NodeEnv, RunContext, register
 
 __all__ = ["DecodeImage", "Preprocess", "decode_frame", "to_gray"]
@@ -88,8 +88,6 @@ class Preprocess(Node):
         super().__init__(node_id, params, env)
         size = self.param("size", [128, 128], kind=list)
         if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
-            from ..exceptions import TopologyError
-
             raise TopologyError(f"size must be [h, w] positive integers, got {size!r}",
                                 path=f"nodes.{node_id}.params.size")
         self.size = (int(size[0]), int(size[1]))
@@ -97,8 +95,6 @@ class Preprocess(Node):
         self.scale = float(self.param("scale", 1.0 / 255.0, kind=(int, float)))
         dtype = self.param("dtype", "float32", kind=str)
         if dtype not in TENSOR_DTYPES:
-            from ..exceptions import TopologyError
-
             raise TopologyError(f"dtype must be one of {', '.join(TENSOR_DTYPES)}, got {dtype!r}",
                                 path=f"nodes.{node_id}.params.dtype")
         self.dtype = np.dtype(dtype)
