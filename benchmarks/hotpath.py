@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         p = plan(t, {n for n, node in nodes.items() if node.is_sink})
         store = RunStore(r, t.name, settings.frame_ttl_s)
         table: Timings = defaultdict(list)
-        for name in ("admit", "frames", "outputs", "put_output_and_join", "finish", "dropped", "sinks_done",
+        for name in ("admit", "frames", "outputs", "put_outputs_and_join", "finish", "dropped", "sinks_done",
                      "in_flight"):
             setattr(store, name, timed(table, f"redis: RunStore.{name}", getattr(store, name)))
         real_dispatch = Dispatcher(celery, t)

@@ -1,17 +1,28 @@
 """The execution plan of a topology: Nodes grouped into stages.
 
-A *stage* is what one Celery task runs: a chain of Nodes on the same queue
-where each Node but the last has exactly one child, the next (operator
-chaining, as Flink does). Fusion is on by default; ``fusion: false`` on the
-topology or ``fuse: false`` on a Node turns it off, and then every Node is its
-own stage. Outputs cross Redis only between stages.
+A *stage* is what one Celery task runs: Nodes of one queue, run one after the
+other in the topology's order on the same batch. Outputs cross Redis only
+between stages. Fusion is on by default; ``fusion: false`` on the topology or
+``fuse: false`` on a Node turns it off, and then every Node (or that Node) is
+its own stage. A Node joins the stage of a parent on its queue in one of two
+ways:
 
-A Node of the chain may have parents outside it (a *join fused into the
-chain*): ``combine`` with parents ``ae_score`` and ``quality`` joins the stage
-of the parent that is deepest in the DAG (``ae_score``, behind the model), and
-the stage then waits for every stage that holds one of its outside parents.
-A stage with several parent stages is a *join*: it runs once, after all of
-them have stored their outputs (see :mod:`streamd.runs`).
+* *chain* (operator chaining, as Flink does): the parent is the last Node of
+  its stage and this Node its only child. A Node with several parents (a
+  *join*) extends the chain of the parent that is deepest in the DAG
+  (``combine`` with parents ``ae_score`` and ``quality`` joins ``ae_score``'s
+  stage, behind the model); the stage then also waits for every stage that
+  holds one of its outside parents. A join is never fused where it would make
+  two stages wait for each other.
+* *fan-out*: every parent of the Node is in that stage already
+  (``quality`` after ``preprocess``, beside the branch that leaves for the
+  model's queue). It saves a task and a read of the parent's output, at the
+  price of running after its siblings in the stage rather than beside them.
+
+A stage stores the outputs of its *exports* (its Nodes that have a child in
+another stage), one Redis value per Node and batch. A stage with several
+parent stages is a *join*: it runs once, after all of them have stored their
+outputs (see :mod:`streamd.runs`).
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ class Stage:
     input_nodes: tuple[str, ...]  # Nodes outside the stage whose outputs it reads (empty for a root stage)
     has_sink: bool
     node_parents: tuple[tuple[str, ...], ...]  # each Node's parents, in the topology's order
+    exports: tuple[str, ...]  # the stage's Nodes whose outputs a later stage reads (stored in Redis)
 
     @property
     def head(self) -> str:
@@ -54,6 +66,11 @@ class Plan:
     order: tuple[str, ...]
     sink_stages: tuple[str, ...]
 
+    @property
+    def exports(self) -> tuple[str, ...]:
+        """Every Node whose outputs cross Redis, in stage order."""
+        return tuple(n for s in self.order for n in self.stages[s].exports)
+
     def roots(self) -> list[Stage]:
         return [self.stages[s] for s in self.order if self.stages[s].is_root]
 
@@ -68,30 +85,32 @@ def plan(topo: Topology, sink_nodes: set[str], *, fusion: bool | None = None) ->
     """Group the topology's Nodes into stages. ``sink_nodes`` are the ids of Nodes whose class is a sink."""
     fuse_all = topo.fusion if fusion is None else fusion
     stage_of: dict[str, str] = {}
-    chains: dict[str, list[str]] = {}
+    members: dict[str, list[str]] = {}
     depth: dict[str, int] = {}
     for n in topo.order:
         spec = topo.nodes[n]
         depth[n] = 1 + max((depth[p] for p in spec.parents), default=-1)
-        host = _host(topo, n, stage_of, chains, depth) if fuse_all and spec.fuse else None
+        host = _host(topo, n, stage_of, members, depth) if fuse_all and spec.fuse else None
         if host is not None:
-            chains[stage_of[host]].append(n)
+            members[stage_of[host]].append(n)
             stage_of[n] = stage_of[host]
         else:
             stage_of[n] = n
-            chains[n] = [n]
+            members[n] = [n]
     stages = {}
-    for sid, chain in chains.items():
-        outside = tuple(dict.fromkeys(p for n in chain for p in topo.nodes[n].parents if stage_of[p] != sid))
+    for sid, nodes in members.items():
+        outside = tuple(dict.fromkeys(p for n in nodes for p in topo.nodes[n].parents if stage_of[p] != sid))
         stages[sid] = Stage(
             id=sid,
-            nodes=tuple(chain),
-            queue=topo.nodes[chain[0]].queue,
+            nodes=tuple(nodes),
+            queue=topo.nodes[nodes[0]].queue,
             parents=tuple(dict.fromkeys(stage_of[p] for p in outside)),
-            children=tuple(dict.fromkeys(stage_of[c] for c in topo.children(chain[-1]))),
+            children=tuple(dict.fromkeys(stage_of[c] for n in nodes for c in topo.children(n)
+                                         if stage_of[c] != sid)),
             input_nodes=outside,
-            has_sink=any(n in sink_nodes for n in chain),
-            node_parents=tuple(tuple(topo.nodes[n].parents) for n in chain),
+            has_sink=any(n in sink_nodes for n in nodes),
+            node_parents=tuple(tuple(topo.nodes[n].parents) for n in nodes),
+            exports=tuple(n for n in nodes if any(stage_of[c] != sid for c in topo.children(n))),
         )
     order = tuple(s for s in dict.fromkeys(stage_of[n] for n in topo.order))
     return Plan(
@@ -102,17 +121,37 @@ def plan(topo: Topology, sink_nodes: set[str], *, fusion: bool | None = None) ->
     )
 
 
-def _host(topo: Topology, n: str, stage_of: dict[str, str], chains: dict[str, list[str]],
+def _host(topo: Topology, n: str, stage_of: dict[str, str], members: dict[str, list[str]],
           depth: dict[str, int]) -> str | None:
-    """The parent whose chain ``n`` extends, or None: ``n`` starts a stage of its own.
+    """The parent whose stage ``n`` joins, or None: ``n`` starts a stage of its own.
 
-    A parent qualifies when ``n`` is its only child, it ends its chain, it runs
-    on ``n``'s queue and it may fuse. Of several, the deepest in the DAG wins
-    (the one most likely to finish last), so the other parents' stages are
-    done, or nearly, when the chain gets to ``n``.
+    A parent qualifies when it runs on ``n``'s queue and may fuse. Chain first:
+    a parent that ends its stage and has ``n`` as its only child; of several,
+    the deepest in the DAG (the one most likely to finish last, so the other
+    parents' stages are done, or nearly, when the stage gets to ``n``), unless
+    the stage would then wait for a stage that waits for it. Then fan-out:
+    every parent of ``n`` is in one qualifying stage.
     """
     spec = topo.nodes[n]
-    fits = [p for p in spec.parents
-            if topo.children(p) == [n] and chains[stage_of[p]][-1] == p
-            and topo.nodes[p].queue == spec.queue and topo.nodes[p].fuse]
-    return max(fits, key=lambda p: depth[p]) if fits else None
+    fits = [p for p in spec.parents if topo.nodes[p].queue == spec.queue and topo.nodes[p].fuse]
+    chain = [p for p in fits if topo.children(p) == [n] and members[stage_of[p]][-1] == p]
+    for p in sorted(chain, key=lambda p: -depth[p]):
+        outside = {stage_of[q] for q in spec.parents if stage_of[q] != stage_of[p]}
+        if not outside & _downstream(topo, stage_of[p], stage_of, members):
+            return p
+    if fits and len(fits) == len(spec.parents) and len({stage_of[p] for p in fits}) == 1:
+        return fits[0]
+    return None
+
+
+def _downstream(topo: Topology, stage: str, stage_of: dict[str, str], members: dict[str, list[str]]) -> set[str]:
+    """The stages placed so far that wait, directly or not, for ``stage``."""
+    seen: set[str] = set()
+    todo = [stage]
+    while todo:
+        s = todo.pop()
+        for c in (c for m in members[s] for c in topo.children(m) if c in stage_of):
+            if stage_of[c] != s and stage_of[c] not in seen:
+                seen.add(stage_of[c])
+                todo.append(stage_of[c])
+    return seen

@@ -8,7 +8,8 @@
    at once; any other exception makes the task retry (see :class:`Retry`),
    and once retries are spent the runs that still fail are dead-lettered
    with reason ``node_failed`` (``publish_failed`` for a sink).
-3. Outputs go to Redis; each child stage is dispatched (joins dispatch once
+3. The outputs that later stages read (the stage's exports) go to Redis,
+   one value per Node; each child stage is dispatched (joins dispatch once
    all their parents are done); a sink stage ends the runs.
 """
 
@@ -98,8 +99,8 @@ class StageExecutor:
             letters += bad
             if runs:
                 children = [(c, len(self.plan.stages[c].parents)) for c in stage.children]
-                ready = self.store.put_output_and_join(batch.batch_id, stage.id, packed, children,
-                                                       redelivered=redelivered)
+                ready = self.store.put_outputs_and_join(batch.batch_id, stage.id, packed, children,
+                                                        redelivered=redelivered)
         if letters:
             self.dead_letters.publish(letters)
             self.store.finish([r for r in batch.runs if r.run_id in {_run_id(d, batch) for d in letters}])
@@ -110,26 +111,26 @@ class StageExecutor:
             if go:
                 self.dispatch(self.plan.stages[child_id], alive)
         if stage.has_sink and self.store.sinks_done(batch.batch_id, stage.id, len(self.plan.sink_stages)):
-            self.store.finish(runs, forget=(batch.batch_id, self.plan.order))
+            self.store.finish(runs, forget=(batch.batch_id, self.plan.order, self.plan.exports))
 
     # -- steps ---------------------------------------------------------------------
     def _pack_outputs(self, stage: Stage, runs: list[RunContext], inputs: list[dict[str, Any]]
-                      ) -> tuple[list[RunContext], bytes, list[DeadLetter]]:
-        """The stage's outputs, packed for its children; a run whose output cannot be stored is dead-lettered."""
+                      ) -> tuple[list[RunContext], dict[str, bytes], list[DeadLetter]]:
+        """The stage's exported outputs, packed by Node; a run whose output cannot be stored is dead-lettered."""
         try:
-            return runs, pack_value({r.run_id: i[stage.tail] for r, i in zip(runs, inputs, strict=True)}), []
+            return runs, _pack(stage.exports, runs, inputs), []
         except TypeError:  # some Node output holds a type that cannot cross stages: find which runs
             letters, keep = [], []
             for k, (run, inp) in enumerate(zip(runs, inputs, strict=True)):
-                try:
-                    pack_value(inp[stage.tail])
+                failure = _unstorable(stage.exports, inp)
+                if failure is None:
                     keep.append(k)
-                except TypeError as exc:
-                    letters.append(DeadLetter(run.origin, "node_failed", f"output of node {stage.tail!r} cannot "
-                                              f"be stored for the next stage: {exc}", stage.tail, run.source))
+                    continue
+                node, exc = failure
+                letters.append(DeadLetter(run.origin, "node_failed", f"output of node {node!r} cannot "
+                                          f"be stored for the next stage: {exc}", node, run.source))
             runs, inputs = [runs[k] for k in keep], [inputs[k] for k in keep]
-            packed = pack_value({r.run_id: i[stage.tail] for r, i in zip(runs, inputs, strict=True)})
-            return runs, packed, letters
+            return runs, _pack(stage.exports, runs, inputs), letters
 
     def _inputs(self, stage: Stage, batch: Batch) -> tuple[list[RunContext], list[dict[str, Any]], list[DeadLetter]]:
         runs: list[RunContext] = []
@@ -149,8 +150,7 @@ class StageExecutor:
                 runs.append(run)
                 inputs.append({SOURCE: msg})
         else:
-            parent_stages = [self.plan.stage_of(n).id for n in stage.input_nodes]
-            outputs = self.store.outputs(batch.batch_id, parent_stages)
+            outputs = self.store.outputs(batch.batch_id, stage.input_nodes)
             for run in batch.runs:
                 if any(o is None for o in outputs):
                     missing.append(run)
@@ -217,6 +217,20 @@ class StageExecutor:
             ok_runs.append(run)
             outs.append(out)
         return ok_runs, outs, letters
+
+
+def _pack(nodes: Sequence[str], runs: Sequence[RunContext], inputs: Sequence[Mapping[str, Any]]) -> dict[str, bytes]:
+    return {n: pack_value({r.run_id: i[n] for r, i in zip(runs, inputs, strict=True)}) for n in nodes}
+
+
+def _unstorable(nodes: Sequence[str], values: Mapping[str, Any]) -> tuple[str, TypeError] | None:
+    """The first of these Nodes whose output cannot be packed, with the error; None if all can."""
+    for n in nodes:
+        try:
+            pack_value(values[n])
+        except TypeError as exc:
+            return n, exc
+    return None
 
 
 def _run_id(letter: DeadLetter, batch: Batch) -> str:

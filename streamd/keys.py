@@ -8,7 +8,7 @@ keys with ``SCAN MATCH streamd:<topology>:*``. Every data key has a TTL.
 key                                        holds
 ========================================  ==========================================
 ``frame:<run_id>``                         the raw TP input message (claim check)
-``out:<batch_id>:<stage>``                 a stage's outputs for one batch of runs
+``out:<batch_id>:<node>``                  a Node's outputs for one batch, read by a later stage
 ``join:<batch_id>:<stage>``                set of parent stages done (fan-in join)
 ``done:<batch_id>``                        set of sink stages done for a batch
 ``dropped:<run_id>``                       tombstone of a run shed by the overload policy
@@ -34,8 +34,8 @@ class Keys:
     def frame(self, run_id: str) -> str:
         return f"{self.base}frame:{run_id}"
 
-    def output(self, batch_id: str, stage: str) -> str:
-        return f"{self.base}out:{batch_id}:{stage}"
+    def output(self, batch_id: str, node: str) -> str:
+        return f"{self.base}out:{batch_id}:{node}"
 
     def join(self, batch_id: str, stage: str) -> str:
         return f"{self.base}join:{batch_id}:{stage}"

@@ -2,8 +2,9 @@
 
 One input message is one *run*; runs travel between stages in *batches*
 (one Celery message carries up to ``batch.max_size`` runs). Redis holds the
-data: the raw input under ``frame:<run_id>`` and each stage's outputs under
-``out:<batch_id>:<stage>`` (a map run_id -> output), all with the frame TTL.
+data: the raw input under ``frame:<run_id>`` and the outputs that a later stage
+reads under ``out:<batch_id>:<node>`` (a map run_id -> output, one per Node a
+stage exports), all with the frame TTL.
 The Celery message holds only ids and the small run context.
 
 Joins: a stage with several parent stages runs when the last parent adds
@@ -153,9 +154,9 @@ class RunStore:
             pipe.exists(key(rid))
         return {rid for rid, hit in zip(run_ids, pipe.execute(), strict=True) if hit}
 
-    def put_output_and_join(self, batch_id: str, stage: str, packed: bytes, children: Sequence[tuple[str, int]],
-                            *, redelivered: bool) -> list[bool]:
-        """Store a stage's packed outputs and record it with each child join, in one round trip.
+    def put_outputs_and_join(self, batch_id: str, stage: str, packed: Mapping[str, bytes],
+                             children: Sequence[tuple[str, int]], *, redelivered: bool) -> list[bool]:
+        """Store a stage's packed outputs (by Node) and record it with each child join, in one round trip.
 
         ``children`` are (child stage, number of its parent stages); returns, per
         child, whether this call makes it ready to dispatch. A child with one
@@ -164,31 +165,35 @@ class RunStore:
         parent run twice is counted once). A redelivered parent (its worker died
         mid-task) also sees True once the join is complete, so a crash between
         recording and dispatching cannot strand the runs; that may run the join
-        twice, which at-least-once allows. One MULTI/EXEC: the output is in Redis
-        before any parent can see the join complete.
+        twice, which at-least-once allows. One MULTI/EXEC: the outputs are in
+        Redis before any parent can see the join complete.
         """
         pipe = self.r.pipeline(transaction=True)
-        pipe.set(self.keys.output(batch_id, stage), packed, px=self.ttl_ms)
+        for node, value in packed.items():
+            pipe.set(self.keys.output(batch_id, node), value, px=self.ttl_ms)
         joins = [(child, n) for child, n in children if n > 1]
         for child, _ in joins:
             key = self.keys.join(batch_id, child)
             pipe.sadd(key, stage)
             pipe.scard(key)
             pipe.pexpire(key, self.ttl_ms)
-        replies = pipe.execute()[1:]
+        replies = pipe.execute()[len(packed):]
         ready = {child: bool(replies[3 * i + 1] >= n and (replies[3 * i] or redelivered))
                  for i, (child, n) in enumerate(joins)}
         return [ready.get(child, True) for child, _ in children]
 
-    def outputs(self, batch_id: str, stages: Sequence[str]) -> list[dict[str, Any] | None]:
-        raw = self.r.mget([self.keys.output(batch_id, s) for s in stages])
+    def outputs(self, batch_id: str, nodes: Sequence[str]) -> list[dict[str, Any] | None]:
+        """The stored outputs of these Nodes for a batch (None where there are none)."""
+        raw = self.r.mget([self.keys.output(batch_id, n) for n in nodes])
         return [None if v is None else unpack_value(v) for v in raw]
 
-    def finish(self, runs: Sequence[RunContext], *, forget: tuple[str, Iterable[str]] | None = None) -> None:
+    def finish(self, runs: Sequence[RunContext], *,
+               forget: tuple[str, Iterable[str], Iterable[str]] | None = None) -> None:
         """Runs that ended (published or dead-lettered): free their payload and in-flight slot.
 
-        ``forget`` = (batch id, stage ids) also drops that batch's stage outputs,
-        join sets and sink set, in the same round trip (the batch is done)."""
+        ``forget`` = (batch id, stage ids, exported Node ids) also drops that
+        batch's join sets, stored outputs and sink set, in the same round trip
+        (the batch is done)."""
         if not runs and forget is None:
             return
         pipe = self.r.pipeline(transaction=False)
@@ -213,9 +218,7 @@ class RunStore:
         _, count, _ = pipe.execute()
         return bool(count >= n_sinks)
 
-    def _batch_keys(self, batch_id: str, stages: Iterable[str]) -> list[str]:
-        keys = []
-        for s in stages:
-            keys += [self.keys.output(batch_id, s), self.keys.join(batch_id, s)]
+    def _batch_keys(self, batch_id: str, stages: Iterable[str], nodes: Iterable[str]) -> list[str]:
+        keys = [self.keys.join(batch_id, s) for s in stages] + [self.keys.output(batch_id, n) for n in nodes]
         keys.append(self.keys.done(batch_id))
         return keys

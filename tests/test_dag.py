@@ -68,63 +68,47 @@ def shipped() -> Plan:
 
 
 def test_shipped_stages(shipped):
+    # two tasks per batch: the cpu work, then the model and its post-processing on the gpu queue
     assert summary(shipped) == {
-        "decode": (("decode", "preprocess"), "cpu"),
-        "autoencoder": (("autoencoder",), "gpu"),
-        "quality": (("quality",), "cpu"),
-        "ae_score": (("ae_score", "combine", "publish"), "cpu"),
+        "decode": (("decode", "preprocess", "quality"), "cpu"),
+        "autoencoder": (("autoencoder", "ae_score", "combine", "publish"), "gpu"),
     }
     assert shipped.topology == "surface-inspection"
-    assert shipped.order == ("decode", "autoencoder", "quality", "ae_score")
+    assert shipped.order == ("decode", "autoencoder")
 
 
-def test_shipped_root_is_decode_and_preprocess_fused(shipped):
+def test_shipped_root_fuses_decode_preprocess_and_the_quality_branch(shipped):
     (root,) = shipped.roots()
     assert root.id == "decode"
     assert root.is_root
     assert root.input_nodes == ()
     assert root.parents == ()
-    assert (root.head, root.tail) == ("decode", "preprocess")
+    assert (root.head, root.tail) == ("decode", "quality")
+    assert root.node_parents == ((), ("decode",), ("preprocess",))  # quality: fan-out fusion after preprocess
+    assert root.children == ("autoencoder",)
+    assert root.exports == ("preprocess", "quality")  # the model's input and the quality verdict cross Redis
 
 
-def test_shipped_fan_out_after_preprocess(shipped):
-    assert shipped.stages["decode"].children == ("autoencoder", "quality")
-    assert shipped.stages["autoencoder"].parents == ("decode",)
-    assert shipped.stages["autoencoder"].input_nodes == ("preprocess",)
-    assert shipped.stages["quality"].input_nodes == ("preprocess",)
-    assert shipped.stages["autoencoder"].children == ("ae_score",)
-
-
-def test_shipped_gpu_model_is_its_own_stage(shipped):
-    ae = shipped.stages["autoencoder"]
-    assert ae.queue == "gpu"
-    assert ae.nodes == ("autoencoder",)
-    assert shipped.stages["ae_score"].queue == "cpu"
-
-
-def test_shipped_join_at_combine_fused_into_the_model_branch(shipped):
-    # combine joins the chain of its deepest parent (ae_score, behind the model); the stage then waits
-    # for the quality stage too, and reads both outside parents' outputs
-    last = shipped.stages["ae_score"]
-    assert last.nodes == ("ae_score", "combine", "publish")
-    assert last.parents == ("autoencoder", "quality")
-    assert last.input_nodes == ("autoencoder", "quality")
-    assert last.node_parents == (("autoencoder",), ("ae_score", "quality"), ("combine",))
+def test_shipped_model_stage_reads_both_exports_and_publishes(shipped):
+    last = shipped.stages["autoencoder"]
+    assert last.queue == "gpu"
+    assert last.parents == ("decode",)
+    assert last.input_nodes == ("preprocess", "quality")
+    assert last.node_parents == (("preprocess",), ("autoencoder",), ("ae_score", "quality"), ("combine",))
     assert last.children == ()
+    assert last.exports == ()  # the anomaly maps never leave the gpu worker
     assert last.has_sink
     assert not last.is_root
-    assert shipped.stages["quality"].children == ("ae_score",)
+    assert shipped.exports == ("preprocess", "quality")
 
 
 def test_shipped_sink_stages(shipped):
-    assert shipped.sink_stages == ("ae_score",)
-    assert [s for s in shipped.order if shipped.stages[s].has_sink] == ["ae_score"]
+    assert shipped.sink_stages == ("autoencoder",)
 
 
 def test_stage_of(shipped):
-    assert shipped.stage_of("preprocess").id == "decode"
-    assert shipped.stage_of("publish").id == "ae_score"
-    assert shipped.stage_of("autoencoder").id == "autoencoder"
+    assert shipped.stage_of("quality").id == "decode"
+    assert shipped.stage_of("publish").id == "autoencoder"
     with pytest.raises(KeyError):
         shipped.stage_of("nope")
 
@@ -202,7 +186,7 @@ def test_queue_change_breaks_a_chain(tmp_path):
     assert p.stages["m"].input_nodes == ("b",)
 
 
-def test_fan_out_and_join(tmp_path):
+def test_fan_out_and_join_on_one_queue_fuse_into_one_stage(tmp_path):
     nodes = {
         "a": {"type": PASS},
         "left": {"type": PASS, "parents": ["a"]},
@@ -212,46 +196,88 @@ def test_fan_out_and_join(tmp_path):
         "out": {"type": SINK, "parents": ["join"]},
     }
     p = make_plan(topo(tmp_path, nodes))
-    # join extends the chain of its deepest parent (right2); its other parent's stage becomes a parent stage
-    assert summary(p) == {
-        "a": (("a",), "cpu"),
-        "left": (("left",), "cpu"),
-        "right": (("right", "right2", "join", "out"), "cpu"),
-    }
-    assert p.stages["a"].children == ("left", "right")
-    assert p.stages["right"].parents == ("a", "left")
-    assert p.stages["right"].input_nodes == ("a", "left")
-    assert p.stages["left"].children == ("right",)
+    assert summary(p) == {"a": (("a", "left", "right", "right2", "join", "out"), "cpu")}
+    assert p.stages["a"].node_parents == ((), ("a",), ("a",), ("right",), ("left", "right2"), ("join",))
+    assert p.stages["a"].exports == ()
 
 
-#: a -> left, right -> join -> out: a join whose two parents are equally deep
+#: a -> left, right -> join -> out, with the two branches on queues of their own
 DIAMOND: dict[str, Any] = {
     "a": {"type": PASS},
-    "left": {"type": PASS, "parents": ["a"]},
-    "right": {"type": PASS, "parents": ["a"]},
-    "join": {"type": PASS, "parents": ["left", "right"]},
-    "out": {"type": SINK, "parents": ["join"]},
+    "left": {"type": PASS, "parents": ["a"], "queue": "side"},
+    "right": {"type": PASS, "parents": ["a"], "queue": "side"},
+    "join": {"type": PASS, "parents": ["left", "right"], "queue": "side"},
+    "out": {"type": SINK, "parents": ["join"], "queue": "side"},
 }
 
 
 def test_join_with_equal_depths_extends_the_first_parent(tmp_path):
     p = make_plan(topo(tmp_path, DIAMOND))
-    assert summary(p) == {"a": (("a",), "cpu"), "left": (("left", "join", "out"), "cpu"), "right": (("right",), "cpu")}
+    # left and right cannot fan out of a (another queue) nor into each other (their parent is not there)
+    assert summary(p) == {"a": (("a",), "cpu"), "left": (("left", "join", "out"), "side"),
+                          "right": (("right",), "side")}
     assert p.stages["left"].node_parents == (("a",), ("left", "right"), ("join",))
+    assert p.stages["left"].parents == ("a", "right")
+    assert p.stages["a"].exports == ("a",)
+
+
+def test_fan_out_fuses_siblings_and_exports_each_output_read_elsewhere(tmp_path):
+    nodes = {
+        "a": {"type": PASS},
+        "b": {"type": PASS, "parents": ["a"]},
+        "m": {"type": PASS, "parents": ["b"], "queue": "gpu"},
+        "q": {"type": PASS, "parents": ["b"]},  # fan-out: its only parent is in a's stage
+        "j": {"type": PASS, "parents": ["m", "q"], "queue": "gpu"},
+        "out": {"type": SINK, "parents": ["j"], "queue": "gpu"},
+    }
+    p = make_plan(topo(tmp_path, nodes))
+    assert summary(p) == {"a": (("a", "b", "q"), "cpu"), "m": (("m", "j", "out"), "gpu")}
+    assert p.stages["a"].exports == ("b", "q")
+    assert p.stages["m"].input_nodes == ("b", "q")
+    assert p.stages["m"].parents == ("a",)
+
+
+def test_a_join_is_not_fused_where_its_stage_would_wait_for_itself(tmp_path):
+    # j's parents: q (the last Node of a's stage, j its only child) and n, behind the gpu stage that a's
+    # stage feeds. Fused into a's stage, j would make that stage wait for the gpu stage, which waits for it.
+    nodes = {
+        "a": {"type": PASS},
+        "b": {"type": PASS, "parents": ["a"]},
+        "m": {"type": PASS, "parents": ["b"], "queue": "gpu"},
+        "n": {"type": PASS, "parents": ["m"], "queue": "gpu"},
+        "q": {"type": PASS, "parents": ["b"]},
+        "j": {"type": PASS, "parents": ["n", "q"]},
+        "out": {"type": SINK, "parents": ["j"]},
+    }
+    p = make_plan(topo(tmp_path, nodes))
+    assert summary(p) == {"a": (("a", "b", "q"), "cpu"), "m": (("m", "n"), "gpu"), "j": (("j", "out"), "cpu")}
+    assert p.stages["j"].parents == ("m", "a")
+    assert p.stages["a"].children == ("m", "j")
+
+
+def test_fan_out_respects_fuse_false(tmp_path):
+    nodes = {
+        "a": {"type": PASS},
+        "s1": {"type": SINK, "parents": ["a"]},
+        "s2": {"type": SINK, "parents": ["a"], "fuse": False},
+    }
+    p = make_plan(topo(tmp_path, nodes))
+    assert summary(p) == {"a": (("a", "s1"), "cpu"), "s2": (("s2",), "cpu")}
 
 
 def test_join_is_not_fused_into_a_parent_with_other_children_or_on_another_queue(tmp_path):
     nodes = {
         "a": {"type": PASS},
         "left": {"type": PASS, "parents": ["a"]},
-        "tap": {"type": SINK, "parents": ["left"]},  # left has two children: its chain ends there
+        "tap": {"type": SINK, "parents": ["left"]},  # left has two children: no chain goes on from it
         "right": {"type": PASS, "parents": ["a"], "queue": "gpu"},
         "join": {"type": PASS, "parents": ["left", "right"]},
         "out": {"type": SINK, "parents": ["join"]},
     }
     p = make_plan(topo(tmp_path, nodes))
+    assert p.stages["a"].nodes == ("a", "left", "tap")  # left and tap fan out into a's stage
     assert p.stages["join"].nodes == ("join", "out")
-    assert p.stages["join"].parents == ("left", "right")
+    assert p.stages["join"].parents == ("a", "right")
     assert p.stages["join"].input_nodes == ("left", "right")
 
 
@@ -263,8 +289,8 @@ def test_join_fusion_off_with_fusion_false(tmp_path):
 def test_several_sink_stages(tmp_path):
     nodes = {
         "a": {"type": PASS},
-        "s1": {"type": SINK, "parents": ["a"]},
-        "s2": {"type": SINK, "parents": ["a"]},
+        "s1": {"type": SINK, "parents": ["a"], "queue": "io"},
+        "s2": {"type": SINK, "parents": ["a"], "queue": "io"},
     }
     p = make_plan(topo(tmp_path, nodes))
     assert p.sink_stages == ("s1", "s2")

@@ -96,6 +96,7 @@ class DeadLetters:
 
 #            check -> double ─┬─> left ──┬─> sink      stages: check[check, double], left, right, sink (join)
 #                             └─> right ─┘             with fuse_join: check[check, double], left[left, sink], right
+# left, right and sink run on a queue of their own, so that neither branch fuses into check's stage (fan-out).
 def topology_yaml(name: str, fail_seqs: Sequence[int], fuse_join: bool = False) -> dict[str, Any]:
     mod = __name__
     return {
@@ -105,9 +106,10 @@ def topology_yaml(name: str, fail_seqs: Sequence[int], fuse_join: bool = False) 
         "nodes": {
             "check": {"type": f"{mod}:RejectOdd"},
             "double": {"type": f"{mod}:Double", "parents": ["check"]},
-            "left": {"type": f"{mod}:Double", "parents": ["double"]},
-            "right": {"type": f"{mod}:Flaky", "parents": ["double"], "params": {"fail_seqs": list(fail_seqs)}},
-            "sink": {"type": f"{mod}:Recorder", "parents": ["left", "right"], "fuse": fuse_join},
+            "left": {"type": f"{mod}:Double", "parents": ["double"], "queue": "side"},
+            "right": {"type": f"{mod}:Flaky", "parents": ["double"], "params": {"fail_seqs": list(fail_seqs)},
+                      "queue": "side"},
+            "sink": {"type": f"{mod}:Recorder", "parents": ["left", "right"], "fuse": fuse_join, "queue": "side"},
         },
     }
 
@@ -210,8 +212,9 @@ def test_root_stage_reads_frames_from_redis_and_fans_out(make):
     # fan-out: both children get the whole batch
     assert [(s, b.batch_id, h.seqs(b)) for s, b in h.calls] == [
         ("left", batch.batch_id, [2, 4, 6]), ("right", batch.batch_id, [2, 4, 6])]
-    (out,) = h.store.outputs(batch.batch_id, ["check"])
-    assert out == {h.run_for(s).run_id: s * 2 for s in (2, 4, 6)}  # the tail Node's output, per run
+    check, double = h.store.outputs(batch.batch_id, ["check", "double"])
+    assert check is None  # only what a later stage reads is stored: the exported Node's output, per run
+    assert double == {h.run_for(s).run_id: s * 2 for s in (2, 4, 6)}
     assert h.store.in_flight(TOPIC) == 3  # not finished before a sink
 
 
@@ -315,7 +318,7 @@ def test_expired_parent_output_is_dead_lettered(make):
     h = make()
     batch = h.admit([2, 4])
     h.executor.run("check", batch, final_attempt=False)
-    h.client.delete(Keys(h.name).output(batch.batch_id, "check"))
+    h.client.delete(Keys(h.name).output(batch.batch_id, "double"))
     h.executor.run("left", batch, final_attempt=False)
     assert sorted(d.reason for d in h.dead.letters) == ["frame_expired", "frame_expired"]
     assert {d.stage for d in h.dead.letters} == {"left"}
@@ -430,8 +433,12 @@ def test_setup_runs_once_per_node(make):
     for node_id, node in h.executor.nodes.items():
         node.setup = lambda n=node_id: calls.append(n)  # type: ignore[method-assign]
     h.executor.setup(["cpu"])
-    h.executor.run("check", h.admit([2]), final_attempt=False)
-    assert sorted(calls) == ["check", "double", "left", "right", "sink"]
+    assert sorted(calls) == ["check", "double"]  # the stages on the queues asked for
+    batch = h.admit([2])
+    h.executor.run("check", batch, final_attempt=False)
+    h.executor.run("left", batch, final_attempt=False)  # a Node not set up yet is set up when first used
+    h.executor.run("check", batch, final_attempt=False)
+    assert sorted(calls) == ["check", "double", "left"]
 
 
 def test_run_shed_mid_dag_does_not_reach_the_sink(make):

@@ -97,5 +97,6 @@ def test_fusion_on_and_off_publish_identical_records(tmp_path: Path) -> None:
     assert len([d for d in fused if d["kind"] == "result"]) == 24
     assert any(d["kind"] == "anomaly" for d in fused)
     assert fused == unfused
-    # decode+preprocess and ae_score+combine+publish fuse: 4 stage tasks per batch instead of 7
-    assert (fused_tasks, unfused_tasks) == (4, 7)
+    # decode+preprocess+quality (cpu) and autoencoder+ae_score+combine+publish (gpu) fuse:
+    # 2 stage tasks per batch instead of 7
+    assert (fused_tasks, unfused_tasks) == (2, 7)

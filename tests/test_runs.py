@@ -180,7 +180,7 @@ def test_prune_forgets_only_stale_entries(client, store, topology):
 # -- outputs and joins --------------------------------------------------------------------------------
 
 
-def test_put_output_and_outputs(store, topology):
+def test_put_outputs_and_outputs(store, topology):
     batch = Batch.of([make_run(topology, i) for i in range(2)])
     r0, r1 = (r.run_id for r in batch.runs)
     tensor = np.arange(6, dtype=np.float32).reshape(1, 2, 3)
@@ -194,23 +194,31 @@ def test_put_output_and_outputs(store, topology):
     assert missing is None
 
 
-def put(store: RunStore, batch_id: str, stage: str, outputs: dict) -> None:
-    assert store.put_output_and_join(batch_id, stage, pack_value(outputs), [], redelivered=False) == []
+def put(store: RunStore, batch_id: str, node: str, outputs: dict) -> None:
+    assert store.put_outputs_and_join(batch_id, node, {node: pack_value(outputs)}, [], redelivered=False) == []
 
 
 def join(store: RunStore, batch_id: str, child: str, parent: str, n_parents: int, *, redelivered: bool) -> bool:
     """``parent`` stores (empty) outputs and records itself with the join ``child``: ready?"""
-    (ready,) = store.put_output_and_join(batch_id, parent, pack_value({}), [(child, n_parents)],
-                                         redelivered=redelivered)
+    (ready,) = store.put_outputs_and_join(batch_id, parent, {parent: pack_value({})}, [(child, n_parents)],
+                                          redelivered=redelivered)
     return ready
 
 
 def test_outputs_and_joins_in_one_call(store):
-    ready = store.put_output_and_join("b0", "decode", pack_value({"r": 1}), [("quality", 1), ("combine", 2)],
-                                      redelivered=False)
+    # a stage that exports two Nodes (fan-out fusion) stores each under its own key
+    ready = store.put_outputs_and_join("b0", "decode", {"preprocess": pack_value({"r": 1}),
+                                                        "quality": pack_value({"r": "ok"})},
+                                       [("autoencoder", 1), ("combine", 2)], redelivered=False)
     assert ready == [True, False]
-    assert store.outputs("b0", ["decode"]) == [{"r": 1}]
-    assert store.put_output_and_join("b0", "ae_score", pack_value({}), [("combine", 2)], redelivered=False) == [True]
+    assert store.outputs("b0", ["quality", "preprocess", "decode"]) == [{"r": "ok"}, {"r": 1}, None]
+    assert store.put_outputs_and_join("b0", "autoencoder", {"autoencoder": pack_value({})}, [("combine", 2)],
+                                      redelivered=False) == [True]
+
+
+def test_a_stage_without_exports_only_joins(store):
+    assert store.put_outputs_and_join("b9", "s", {}, [("j", 2)], redelivered=False) == [False]
+    assert store.put_outputs_and_join("b9", "t", {}, [("j", 2)], redelivered=False) == [True]
 
 
 def test_join_ready_exactly_one_parent_sees_true(store):
@@ -266,7 +274,7 @@ def test_forget_batch(client, store, topology):
     put(store, "b7", "decode", {"r": 1})
     join(store, "b7", "combine", "a", 2, redelivered=False)
     store.sinks_done("b7", "s1", 2)
-    store.finish([], forget=("b7", ["decode", "combine", "a"]))
+    store.finish([], forget=("b7", ["decode", "combine"], ["decode", "a"]))
     assert store.outputs("b7", ["decode"]) == [None]
     assert list(client.scan_iter(match=f"streamd:{topology}:*b7*")) == []
 
