@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         dlq = DeadLetterSink(t.name, t.sinks["dead_letter"].topic, publisher)
         ingestor = Ingestor(topology=t, plan=p, store=store, dispatch=timed_dispatch, dead_letters=dlq)
         executor = StageExecutor(topology=t.name, plan=p, nodes=nodes, store=store, dead_letters=dlq,
-                                 dispatch=timed_dispatch)
+                                 dispatch=timed_dispatch, shedding_topics=t.shedding_topics())
         executor.setup()
         from streamd.runs import Batch
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from . import tp
@@ -47,8 +47,12 @@ class Retry(Exception):
 
 class StageExecutor:
     def __init__(self, *, topology: str, plan: Plan, nodes: Mapping[str, Node], store: RunStore,
-                 dead_letters: DeadLetterSink, dispatch: Dispatch, metrics: Any = None) -> None:
+                 dead_letters: DeadLetterSink, dispatch: Dispatch, metrics: Any = None,
+                 shedding_topics: Collection[str] | None = None) -> None:
+        """``shedding_topics``: the source topics whose runs may be shed while in flight
+        (``Topology.shedding_topics``); a sink stage looks for their tombstones. None: look always."""
         self.topology = topology
+        self.shedding_topics = shedding_topics
         self.plan = plan
         self.nodes = nodes
         self.store = store
@@ -75,7 +79,7 @@ class StageExecutor:
     def run(self, stage_id: str, batch: Batch, *, final_attempt: bool, redelivered: bool = False) -> None:
         stage = self.plan.stages[stage_id]
         runs, inputs, letters = self._inputs(stage, batch)
-        if stage.has_sink and runs:  # runs shed by drop_oldest meanwhile already have their dead letter
+        if stage.has_sink and self._may_be_shed(runs):  # runs shed meanwhile already have their dead letter
             shed = self.store.dropped([r.run_id for r in runs])
             if shed:
                 keep = [i for i, r in enumerate(runs) if r.run_id not in shed]
@@ -114,6 +118,11 @@ class StageExecutor:
             self.store.finish(runs, forget=(batch.batch_id, self.plan.order, self.plan.exports))
 
     # -- steps ---------------------------------------------------------------------
+    def _may_be_shed(self, runs: Sequence[RunContext]) -> bool:
+        if self.shedding_topics is None:
+            return bool(runs)
+        return any(r.origin.topic in self.shedding_topics for r in runs)
+
     def _pack_outputs(self, stage: Stage, runs: list[RunContext], inputs: list[dict[str, Any]]
                       ) -> tuple[list[RunContext], dict[str, bytes], list[DeadLetter]]:
         """The stage's exported outputs, packed by Node; a run whose output cannot be stored is dead-lettered."""

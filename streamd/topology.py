@@ -91,6 +91,10 @@ class Topology:
         """The broker queue name for a logical queue: ``streamd.<topology>.<queue>``."""
         return f"streamd.{self.name}.{queue}"
 
+    def shedding_topics(self) -> frozenset[str]:
+        """Source topics whose overload policy sheds runs already in flight (``drop_oldest``)."""
+        return frozenset(s.topic for s in self.sources if s.overload == "drop_oldest")
+
     def source(self, topic: str) -> SourceSpec:
         for s in self.sources:
             if s.topic == topic:

@@ -79,7 +79,8 @@ class WorkerRuntime:
             assert self.app is not None
             executor = StageExecutor(topology=self.topology.name, plan=self.plan, nodes=self._nodes,
                                      store=self.store, dead_letters=self.dead_letters,
-                                     dispatch=Dispatcher(self.app, self.topology), metrics=self.metrics)
+                                     dispatch=Dispatcher(self.app, self.topology), metrics=self.metrics,
+                                     shedding_topics=self.topology.shedding_topics())
             executor.setup(self.queues)
             self._executor = executor
         return self._executor

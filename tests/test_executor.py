@@ -454,6 +454,24 @@ def test_run_shed_mid_dag_does_not_reach_the_sink(make):
     assert h.store.in_flight(TOPIC) == 0
 
 
+def test_sink_stage_skips_the_tombstone_lookup_where_no_source_sheds_in_flight_runs(make):
+    h = make()
+    assert h.topology.shedding_topics() == frozenset()  # overload: block
+    h.executor.shedding_topics = h.topology.shedding_topics()
+
+    def no_lookup(run_ids):
+        raise AssertionError("a sink stage of a topology without drop_oldest read tombstones")
+
+    h.store.dropped = no_lookup  # type: ignore[method-assign]
+    h.executor.run("check", h.admit([2, 4]), final_attempt=False)
+    h.drain()
+    assert sorted(h.recorded()) == [2, 4]
+    h.executor.shedding_topics = frozenset({TOPIC})
+    h.executor.run("check", h.admit([6]), final_attempt=False)
+    with pytest.raises(AssertionError, match="tombstones"):
+        h.drain()
+
+
 # -- known problems ------------------------------------------------------------------------------------
 
 

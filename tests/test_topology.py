@@ -362,6 +362,14 @@ def test_bad_overload_policy(tmp_path):
     assert "block, drop_oldest, sample" in str(err)
 
 
+def test_shedding_topics_are_the_drop_oldest_sources(tmp_path):
+    data = base()
+    assert load(write(tmp_path, data), settings=SETTINGS).shedding_topics() == frozenset()
+    data["sources"][0]["overload"] = "drop_oldest"
+    topic = data["sources"][0]["topic"]
+    assert load(write(tmp_path, data), settings=SETTINGS).shedding_topics() == frozenset({topic})
+
+
 def test_bad_source_kind(tmp_path):
     data = base()
     data["sources"][0]["kind"] = "video"
