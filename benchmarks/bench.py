@@ -90,15 +90,15 @@ COMPARE_VARIANTS = (
     Variant("fusion on, batch 1", {"fusion": True, "batch.max_size": 1}),
     Variant("fusion off, batch 1", {"fusion": False, "batch.max_size": 1}),
 )
-#: ``--experiments``: what each change of the second round (docs/performance.md) is worth: each is taken
-#: out again through its setting or a topology edit, on the same machine, minutes apart.
+#: ``--experiments``: what each change of the third round (docs/performance.md) is worth: each is taken
+#: out again through a topology edit, on the same machine, minutes apart.
+_POST_ON_CPU = {"nodes.ae_score.queue": "cpu", "nodes.combine.queue": "cpu", "nodes.publish.queue": "cpu"}
 EXPERIMENT_VARIANTS = (
-    Variant("as shipped"),
-    Variant("without join fusion (combine+publish a stage of their own)", {"nodes.combine.fuse": False}),
-    Variant("with float16 tensors between stages", {"nodes.preprocess.params.dtype": "float16",
-                                                     "nodes.autoencoder.params.half_outputs": ["anomaly_map"]}),
-    Variant("without malloc tuning", env={"STREAMD_MALLOC_TUNING": "0"}),
-    Variant("batch.max_size 16 (was the default)", {"batch.max_size": 16}),
+    Variant("as shipped (2 tasks per batch)"),
+    Variant("without fan-out fusion (quality a stage of its own; 3 tasks)", {"nodes.quality.fuse": False}),
+    Variant("post-processing on the cpu queue (3 tasks)", _POST_ON_CPU),
+    Variant("both: the second round's plan (4 tasks)", {**_POST_ON_CPU, "nodes.quality.fuse": False}),
+    Variant("as shipped, again", {}),
 )
 
 
@@ -1249,7 +1249,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compare", action="store_true",
                    help="also streamd with fusion on/off x batch 32/1 (throughput and latency at half its max)")
     p.add_argument("--experiments", action="store_true",
-                   help="also streamd with the proposed changes, one by one and together (EXPERIMENT: patched daemon)")
+                   help="also streamd with this round's changes taken out again, one by one and together")
     p.add_argument("--profile", action="store_true", help="py-spy the streamd processes during the burst")
     p.add_argument("--profile-idle", action="store_true", help="with --profile: include idle (waiting) samples")
     p.add_argument("--only", choices=("inline", "streamd", "variants"),

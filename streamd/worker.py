@@ -2,11 +2,14 @@
 
 Pool and concurrency per queue (override with --pool/--concurrency or
 STREAMD_WORKER_CONCURRENCY): a worker that serves ``gpu`` runs one prefork
-process (one ONNX Runtime session, one GPU context); a ``cpu``-only worker
-runs one prefork process per core. Each process builds the topology's Nodes
-after the fork, loads and warms up its models at start, and sets ONNX
-Runtime's intra-op threads to cores / processes (1 for a gpu worker) so processes do not
-oversubscribe the machine.
+process (one ONNX Runtime session, one GPU context) where ONNX Runtime can use
+CUDA; where it cannot (no onnxruntime-gpu, or ``STREAMD_ONNX_PROVIDERS`` puts
+the CPU first), its models run on the CPU, and it runs one process per core
+like a ``cpu`` worker, since one process would leave the other cores idle
+(docs/performance.md). Each process builds the topology's Nodes after the
+fork, loads and warms up its models at start, and sets ONNX Runtime's
+intra-op threads to cores / processes (1 for a gpu worker) so processes do
+not oversubscribe the machine.
 """
 
 from __future__ import annotations
@@ -170,11 +173,30 @@ def build_worker_app(topology: Topology, settings: Settings, queues: list[str],
     return app, runtime
 
 
-def choose_pool(queues: list[str], settings: Settings, pool: str | None, concurrency: int | None) -> tuple[str, int]:
+def choose_pool(queues: list[str], settings: Settings, pool: str | None, concurrency: int | None, *,
+                cuda: bool | None = None) -> tuple[str, int]:
+    """Pool and processes: ``--concurrency``, else STREAMD_WORKER_CONCURRENCY, else one process for a worker
+    that serves ``gpu`` on a GPU, one per core otherwise. ``cuda``: whether the models can use CUDA
+    (None: ask ONNX Runtime, :func:`cuda_usable`)."""
     cores = os.cpu_count() or 1
     if concurrency is None or concurrency <= 0:
-        concurrency = settings.worker_concurrency or (1 if "gpu" in queues else cores)
+        concurrency = settings.worker_concurrency
+    if not concurrency:
+        on_gpu = "gpu" in queues and (cuda_usable(settings) if cuda is None else cuda)
+        concurrency = 1 if on_gpu else cores
     return pool or "prefork", concurrency
+
+
+def cuda_usable(settings: Settings) -> bool:
+    """Whether this worker's ONNX models can run on CUDA: ONNX Runtime has the provider (onnxruntime-gpu)
+    and ``STREAMD_ONNX_PROVIDERS`` does not put another provider first."""
+    if settings.onnx_providers and settings.onnx_providers[0] != "cuda":
+        return False
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 def run_worker(topology: Topology, settings: Settings, queues: list[str], *, pool: str | None = None,
@@ -202,7 +224,9 @@ def run_worker(topology: Topology, settings: Settings, queues: list[str], *, poo
         "-O", "fair",
         "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]
-    log.info("worker for %s: queues %s, pool %s x%d, ONNX threads %d", topology.name, ",".join(queues), pool,
-             concurrency, settings.onnx_threads)
+    note = " (no CUDA here: the gpu queue's models run on the CPU)" if "gpu" in queues and not cuda_usable(
+        settings) else ""
+    log.info("worker for %s: queues %s, pool %s x%d, ONNX threads %d%s", topology.name, ",".join(queues), pool,
+             concurrency, settings.onnx_threads, note)
     app.worker_main(argv)
     return 0

@@ -1,0 +1,45 @@
+"""streamd.worker: the pool and concurrency a worker chooses."""
+
+from __future__ import annotations
+
+import os
+
+import onnxruntime as ort
+import pytest
+
+from streamd.config import Settings
+from streamd.worker import choose_pool, cuda_usable
+
+CORES = os.cpu_count() or 1
+
+
+def test_cpu_worker_runs_one_process_per_core():
+    assert choose_pool(["cpu"], Settings(), None, None) == ("prefork", CORES)
+
+
+def test_gpu_worker_on_a_gpu_runs_one_process():
+    assert choose_pool(["gpu"], Settings(), None, None, cuda=True) == ("prefork", 1)
+    assert choose_pool(["cpu", "gpu"], Settings(), None, None, cuda=True) == ("prefork", 1)
+
+
+def test_gpu_worker_whose_models_fall_back_to_the_cpu_runs_one_process_per_core():
+    # one process would leave the other cores idle while the model, on the CPU, is the slowest Node
+    assert choose_pool(["gpu"], Settings(), None, None, cuda=False) == ("prefork", CORES)
+
+
+def test_explicit_concurrency_and_pool_win():
+    assert choose_pool(["gpu"], Settings(worker_concurrency=3), None, None, cuda=False) == ("prefork", 3)
+    assert choose_pool(["gpu"], Settings(worker_concurrency=3), "solo", 2, cuda=True) == ("solo", 2)
+    assert choose_pool(["cpu"], Settings(), None, 0) == ("prefork", CORES)
+
+
+def test_cuda_usable_follows_onnx_runtime_and_the_provider_override():
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    assert cuda_usable(Settings()) is has_cuda
+    assert cuda_usable(Settings(onnx_providers=("cpu",))) is False
+    assert cuda_usable(Settings(onnx_providers=("cuda", "cpu"))) is has_cuda
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="this machine has CUDA")
+def test_without_cuda_the_gpu_worker_defaults_to_one_process_per_core():
+    assert choose_pool(["gpu"], Settings(), None, None) == ("prefork", CORES)
