@@ -144,7 +144,19 @@ class Daemon:
                               value_serializer="raw", partitions=spec.partitions)
             app.agent(topic, name=f"ingest.{spec.topic}", concurrency=1)(self._agent_for(spec.topic))
         app.timer(MONITOR_INTERVAL_S)(self._monitor)
+        app.on_partitions_assigned.connect(self._on_assigned)
         return app
+
+    async def _on_assigned(self, _app: Any, /, *args: Any, **_: Any) -> None:
+        self.assigned(args[0] if args else set())  # faust sends the whole new assignment
+
+    def assigned(self, assigned: Any) -> None:
+        """The consumer group gave this daemon a new assignment (all of it): gauge and log it, per topic."""
+        for spec in self.topology.sources:
+            parts = sorted(tp.partition for tp in assigned if tp.topic == spec.topic)
+            self.metrics.kafka_assigned_partitions.labels(spec.topic).set(len(parts))
+            log.info("consumer group %s: partitions %s of %s assigned to this daemon", self.group_id,
+                     ",".join(map(str, parts)) or "none", spec.topic)
 
     # -- the agent -----------------------------------------------------------------
     def _agent_for(self, topic: str) -> Any:

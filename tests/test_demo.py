@@ -30,6 +30,9 @@ def test_demo_prints_anomalies_and_stops_what_it_started(redis_url: str, broker_
     )
     text = out.stdout + out.stderr
     assert out.returncode == 0, text
+    # the cameras start once the daemon has its partitions, not before (its first frames would wait in Kafka)
+    assert re.search(r"^  ready after [\d.]+ s$", out.stdout, re.M), text
+    assert "playing anyway" not in out.stdout, text
     anomalies = re.findall(r"^ANOMALY #(\d+) .* truth: (\w+)", out.stdout, re.M)
     assert anomalies, text
     assert [int(n) for n, _ in anomalies] == list(range(1, len(anomalies) + 1))  # a running count
