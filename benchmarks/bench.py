@@ -951,6 +951,28 @@ def find_sustainable(system: str, prod: FrameProducer, col: Collector, frames: F
     return lo, bound, points
 
 
+def measure_at(kind: str, args: argparse.Namespace, services: Services, frames: Frames, out: Path, *,
+               edits: dict[str, Any], extra_env: dict[str, str], rates: list[float]) -> list[str]:
+    """``--at``: on one start of a system, each offered rate in turn: latency and CPU per frame by process."""
+    r = start_system(kind, args, services, frames, out, edits=edits, extra_env=extra_env, label=kind)
+    lines = []
+    try:
+        for rate in rates:
+            meter = CpuMeter(r.groups)
+            meter.start()
+            point = measure_latency(kind, r.prod, r.col, frames, rate, args.load_seconds, None, r.check)
+            cpu = meter.stop()
+            per = {k: v / max(1, point.received) * 1000 for k, v in cpu.items()
+                   if not k.startswith(("machine", "wall"))}
+            own = sum(v for k, v in per.items() if not k.startswith(("other", "benchmark")))
+            lines.append(f"{kind:8s} at {rate:.1f} frames/s offered: {fmt_point(point)}; CPU {own:.2f} ms per frame "
+                         f"({', '.join(f'{k} {v:.2f}' for k, v in per.items() if v >= 0.005)}); machine busy "
+                         f"{cpu['machine busy'] / max(cpu['wall'], 1e-9):.2f} of {args.cores} cores")
+    finally:
+        r.stop(services)
+    return lines
+
+
 # -- one system --------------------------------------------------------------------------------------------------
 
 
@@ -1250,6 +1272,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also streamd with fusion on/off x batch 32/1 (throughput and latency at half its max)")
     p.add_argument("--experiments", action="store_true",
                    help="also streamd with this round's changes taken out again, one by one and together")
+    p.add_argument("--at", default="", metavar="RATE[,RATE...]",
+                   help="only latency and CPU per frame of every process at these offered rates (frames/s), "
+                        "on one start of each system (--only picks one); no burst, no search")
     p.add_argument("--profile", action="store_true", help="py-spy the streamd processes during the burst")
     p.add_argument("--profile-idle", action="store_true", help="with --profile: include idle (waiting) samples")
     p.add_argument("--only", choices=("inline", "streamd", "variants"),
@@ -1312,6 +1337,20 @@ def main(argv: list[str] | None = None) -> int:
             failures.append(f"{label}: {exc}")
             return None
 
+    if args.at:
+        rates = [float(x) for x in args.at.split(",") if x.strip()]
+        lines = [machine_line(m), f"topology: {args.topology.name}; streamd settings: "
+                 + ("; ".join(f"{k}={v}" for k, v in edits.items()) or "as shipped")]
+        try:
+            for kind in [k for k in ("streamd", "inline") if args.only in (None, k)]:
+                lines += measure_at(kind, args, services, frames, args.out, edits=edits,
+                                    extra_env=extra_env if kind == "streamd" else {}, rates=rates)
+        finally:
+            services.close()
+        text = "\n".join(lines)
+        print(text, flush=True)
+        (args.out / "report.txt").write_text(text + "\n")
+        return 0
     try:
         fractions = SWEEP_FRACTIONS if args.sweep else ()
         if args.only in (None, "streamd"):
