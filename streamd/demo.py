@@ -39,7 +39,6 @@ from .topology import Topology, load
 
 __all__ = ["run_demo", "default_topology"]
 
-RESULT_TIMEOUT_S = 120.0
 #: Seconds to wait for the daemon's consumer group to give it partitions before playing anyway.
 JOIN_TIMEOUT_S = 60.0
 
