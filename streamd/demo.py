@@ -139,8 +139,15 @@ class Demo:
              f"(see {self.logdir / 'daemon.log'})")
 
     # -- cameras -------------------------------------------------------------------
-    def cameras(self, bootstrap: str, topic: str) -> None:
+    @staticmethod
+    def camera_producer(bootstrap: str) -> Producer:
+        """The cameras' producer, made early: an idempotent producer first gets its producer id from the
+        broker, and frames given to it before that wait (their latency would show it)."""
         p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
+        p.poll(0)
+        return p
+
+    def cameras(self, p: Producer, topic: str) -> None:
         rng = np.random.default_rng(2026)
         n_cams = max(1, self.args.cameras)
         period = 1.0 / max(0.1, self.args.fps)
@@ -253,11 +260,12 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
         ensure_topics(Settings.from_env({**os.environ, **env}), topo.all_topics())
         daemon_port = demo.start_streamd(topo_path, topo, env)
         source = topo.sources[0].topic
+        producer = demo.camera_producer(env["STREAMD_KAFKA_BOOTSTRAP"])
         _say("  waiting for the daemon to join its consumer group ...")
         t0 = time.monotonic()
         demo.wait_for_partitions(daemon_port, source)
         _say(f"  ready after {time.monotonic() - t0:.1f} s")
-        feeder = threading.Thread(target=demo.cameras, args=(env["STREAMD_KAFKA_BOOTSTRAP"], source), daemon=True)
+        feeder = threading.Thread(target=demo.cameras, args=(producer, source), daemon=True)
         feeder.start()
         limit = f"{args.frames} frames" if args.frames else "until Ctrl-C"
         _say(f"playing {args.cameras} cameras at {args.fps:g} fps each, {args.defect_rate:.0%} with defects "

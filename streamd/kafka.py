@@ -98,6 +98,12 @@ class Publisher:
             self._pid = os.getpid()
         return self._producer
 
+    def warm(self) -> None:
+        """Create this process's producer now: an idempotent producer gets its producer id from the
+        broker first, and the first records would otherwise wait for that."""
+        with self._lock:
+            self._get().poll(0)
+
     def publish(self, records: Iterable[Record], *, timeout: float = 30.0) -> int:
         """Send records and wait until Kafka acknowledged all of them; raise PublishError otherwise."""
         errors: list[str] = []

@@ -85,6 +85,7 @@ class WorkerRuntime:
                                      dispatch=Dispatcher(self.app, self.topology), metrics=self.metrics,
                                      shedding_topics=self.topology.shedding_topics())
             executor.setup(self.queues)
+            self.publisher.warm()  # the producer id is fetched while the process waits for its first task
             self._executor = executor
         return self._executor
 
