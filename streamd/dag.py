@@ -51,10 +51,6 @@ class Stage:
         return self.nodes[0]
 
     @property
-    def tail(self) -> str:
-        return self.nodes[-1]
-
-    @property
     def is_root(self) -> bool:
         return not self.input_nodes
 
@@ -73,12 +69,6 @@ class Plan:
 
     def roots(self) -> list[Stage]:
         return [self.stages[s] for s in self.order if self.stages[s].is_root]
-
-    def stage_of(self, node_id: str) -> Stage:
-        for s in self.stages.values():
-            if node_id in s.nodes:
-                return s
-        raise KeyError(node_id)
 
 
 def plan(topo: Topology, sink_nodes: set[str], *, fusion: bool | None = None) -> Plan:

@@ -83,7 +83,7 @@ def test_shipped_root_fuses_decode_preprocess_and_the_quality_branch(shipped):
     assert root.is_root
     assert root.input_nodes == ()
     assert root.parents == ()
-    assert (root.head, root.tail) == ("decode", "quality")
+    assert (root.head, root.nodes[-1]) == ("decode", "quality")
     assert root.node_parents == ((), ("decode",), ("preprocess",))  # quality: fan-out fusion after preprocess
     assert root.children == ("autoencoder",)
     assert root.exports == ("preprocess", "quality")  # the model's input and the quality verdict cross Redis
@@ -104,13 +104,6 @@ def test_shipped_model_stage_reads_both_exports_and_publishes(shipped):
 
 def test_shipped_sink_stages(shipped):
     assert shipped.sink_stages == ("autoencoder",)
-
-
-def test_stage_of(shipped):
-    assert shipped.stage_of("quality").id == "decode"
-    assert shipped.stage_of("publish").id == "autoencoder"
-    with pytest.raises(KeyError):
-        shipped.stage_of("nope")
 
 
 def test_shipped_without_fusion():
