@@ -54,7 +54,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -889,8 +889,25 @@ def measure_throughput(prod: FrameProducer, col: Collector, frames: Frames, n: i
     window = in_window[-1] - t_a
     fps = len(in_window) / window
     return Throughput(frames=len(in_window), fps=fps, window_s=window, complete=complete,
-                      cpu={k: v / len(in_window) * 1000 if not k.startswith(("machine", "wall")) else v
-                           for k, v in cpu.items()}, others=meter.others)
+                      cpu=per_frame(cpu, len(in_window)), others=meter.others)
+
+
+#: CpuMeter entries about the whole machine (seconds), not one group of processes.
+_MACHINE = ("machine", "wall")
+
+
+def per_frame(cpu: Mapping[str, float], frames: int) -> dict[str, float]:
+    """A CpuMeter reading with each group's CPU seconds as ms per frame (the machine entries as they are)."""
+    return {k: v if k.startswith(_MACHINE) else v / max(1, frames) * 1000 for k, v in cpu.items()}
+
+
+def own_cpu(per: Mapping[str, float]) -> float:
+    """ms per frame of the system's processes and its Kafka/Redis/RabbitMQ (not the benchmark, not others)."""
+    return sum(v for k, v in per.items() if not k.startswith((*_MACHINE, "other", "benchmark")))
+
+
+def cpu_parts(per: Mapping[str, float]) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in per.items() if not k.startswith(_MACHINE) and v >= 0.005)
 
 
 def measure_latency(system: str, prod: FrameProducer, col: Collector, frames: Frames, rate: float,
@@ -961,13 +978,10 @@ def measure_at(kind: str, args: argparse.Namespace, services: Services, frames: 
             meter = CpuMeter(r.groups)
             meter.start()
             point = measure_latency(kind, r.prod, r.col, frames, rate, args.load_seconds, None, r.check)
-            cpu = meter.stop()
-            per = {k: v / max(1, point.received) * 1000 for k, v in cpu.items()
-                   if not k.startswith(("machine", "wall"))}
-            own = sum(v for k, v in per.items() if not k.startswith(("other", "benchmark")))
-            lines.append(f"{kind:8s} at {rate:.1f} frames/s offered: {fmt_point(point)}; CPU {own:.2f} ms per frame "
-                         f"({', '.join(f'{k} {v:.2f}' for k, v in per.items() if v >= 0.005)}); machine busy "
-                         f"{cpu['machine busy'] / max(cpu['wall'], 1e-9):.2f} of {args.cores} cores")
+            per = per_frame(meter.stop(), point.received)
+            lines.append(f"{kind:8s} at {rate:.1f} frames/s offered: {fmt_point(point)}; CPU {own_cpu(per):.2f} ms "
+                         f"per frame ({cpu_parts(per)}); machine busy "
+                         f"{per['machine busy'] / max(per['wall'], 1e-9):.2f} of {args.cores} cores")
     finally:
         r.stop(services)
     return lines
@@ -1175,10 +1189,9 @@ def report(m: dict[str, Any], runs: dict[str, SystemRun], compare: list[SystemRu
         if r is None:
             continue
         cpu = r.throughput.cpu
-        parts = [f"{k} {v:.2f}" for k, v in cpu.items() if not k.startswith(("machine", "wall")) and v >= 0.005]
         busy = cpu["machine busy"] / max(cpu["wall"], 1e-9)
-        own = sum(v for k, v in cpu.items() if not k.startswith(("machine", "wall", "other", "benchmark")))
-        lines.append(f"  {key} CPU ms per frame (backlog drain): {', '.join(parts)}; "
+        own = own_cpu(cpu)
+        lines.append(f"  {key} CPU ms per frame (backlog drain): {cpu_parts(cpu)}; "
                      f"machine busy {busy:.2f} of {args.cores} cores, steal {cpu['machine steal'] / cpu['wall']:.2f}")
         lines.append(f"  {key} CPU per frame, pipeline and its Kafka/Redis/RabbitMQ: {own:.2f} ms -> at most "
                      f"{args.cores * 1000 / own:.0f} frames/s on {args.cores} otherwise idle cores")
@@ -1193,8 +1206,7 @@ def report(m: dict[str, Any], runs: dict[str, SystemRun], compare: list[SystemRu
             lines.append(f"  {key}: the result reader re-read the topics {r.rescans} time(s) (records missed by a "
                          "tailing consumer on tansu)")
     for r in compare:
-        own = sum(v for k, v in r.throughput.cpu.items()
-                  if not k.startswith(("machine", "wall", "other", "benchmark")))
+        own = own_cpu(r.throughput.cpu)
         others = r.throughput.cpu.get("other processes", 0.0) * r.throughput.frames / 1000 / r.throughput.cpu["wall"]
         lines.append(f"compare [{r.name}]: throughput {r.throughput.fps:.1f} frames/s, CPU {own:.2f} ms/frame; "
                      f"sustains {r.sustainable_fps:.1f} frames/s (p99 <= {r.sustain_bound_ms:.0f} ms); "
