@@ -3,8 +3,8 @@
 Pool and concurrency per queue (override with --pool/--concurrency or
 STREAMD_WORKER_CONCURRENCY): a worker that serves ``gpu`` runs one prefork
 process (one ONNX Runtime session, one GPU context) where ONNX Runtime can use
-CUDA; where it cannot (no onnxruntime-gpu, or ``STREAMD_ONNX_PROVIDERS`` puts
-the CPU first), its models run on the CPU, and it runs one process per core
+CUDA or TensorRT; where it cannot (no onnxruntime-gpu, or ``STREAMD_ONNX_PROVIDERS``
+puts the CPU first), its models run on the CPU, and it runs one process per core
 like a ``cpu`` worker, since one process would leave the other cores idle
 (docs/performance.md). Each process builds the topology's Nodes after the
 fork, loads and warms up its models at start, and sets ONNX Runtime's
@@ -189,15 +189,17 @@ def choose_pool(queues: list[str], settings: Settings, pool: str | None, concurr
 
 
 def cuda_usable(settings: Settings) -> bool:
-    """Whether this worker's ONNX models can run on CUDA: ONNX Runtime has the provider (onnxruntime-gpu)
-    and ``STREAMD_ONNX_PROVIDERS`` does not put another provider first."""
-    if settings.onnx_providers and settings.onnx_providers[0] != "cuda":
-        return False
+    """Whether this worker's ONNX models will run on the GPU: the first provider they ask for that ONNX
+    Runtime has (``STREAMD_ONNX_PROVIDERS``, else the Nodes' default cuda, cpu) is CUDA or TensorRT."""
     try:
         import onnxruntime as ort
     except ImportError:
         return False
-    return "CUDAExecutionProvider" in ort.get_available_providers()
+    from .nodes.onnx import DEFAULT_PROVIDERS, PROVIDERS
+
+    available = ort.get_available_providers()
+    first = next((p for p in settings.onnx_providers or DEFAULT_PROVIDERS if PROVIDERS[p] in available), "cpu")
+    return first in ("tensorrt", "cuda")
 
 
 def run_worker(topology: Topology, settings: Settings, queues: list[str], *, pool: str | None = None,
@@ -208,7 +210,8 @@ def run_worker(topology: Topology, settings: Settings, queues: list[str], *, poo
             f"queue(s) {', '.join(unknown)} are not used by topology {topology.name!r} "
             f"(its queues: {', '.join(topology.queues())})"
         )
-    pool, concurrency = choose_pool(queues, settings, pool, concurrency)
+    cuda = cuda_usable(settings)
+    pool, concurrency = choose_pool(queues, settings, pool, concurrency, cuda=cuda)
     if not settings.onnx_threads:
         # A gpu worker's model runs on the GPU; on a CPU fallback one thread leaves the cores to the cpu
         # workers next to it (measured: benchmarks/, docs/performance.md). A cpu pool splits the cores.
@@ -225,8 +228,7 @@ def run_worker(topology: Topology, settings: Settings, queues: list[str], *, poo
         "-O", "fair",
         "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]
-    note = " (no CUDA here: the gpu queue's models run on the CPU)" if "gpu" in queues and not cuda_usable(
-        settings) else ""
+    note = " (no CUDA here: the gpu queue's models run on the CPU)" if "gpu" in queues and not cuda else ""
     log.info("worker for %s: queues %s, pool %s x%d, ONNX threads %d%s", topology.name, ",".join(queues), pool,
              concurrency, settings.onnx_threads, note)
     app.worker_main(argv)

@@ -34,10 +34,16 @@ def test_explicit_concurrency_and_pool_win():
 
 
 def test_cuda_usable_follows_onnx_runtime_and_the_provider_override():
-    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    available = ort.get_available_providers()
+    has_cuda = "CUDAExecutionProvider" in available
+    has_trt = "TensorrtExecutionProvider" in available
     assert cuda_usable(Settings()) is has_cuda
     assert cuda_usable(Settings(onnx_providers=("cpu",))) is False
+    assert cuda_usable(Settings(onnx_providers=("cpu", "cuda"))) is False
     assert cuda_usable(Settings(onnx_providers=("cuda", "cpu"))) is has_cuda
+    # TensorRT runs on the GPU too: a tensorrt-first worker on a GPU keeps one process
+    assert cuda_usable(Settings(onnx_providers=("tensorrt", "cuda", "cpu"))) is (has_trt or has_cuda)
+    assert cuda_usable(Settings(onnx_providers=("tensorrt", "cpu"))) is has_trt
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="this machine has CUDA")

@@ -29,7 +29,7 @@ import numpy as np
 from ..exceptions import ModelInputMismatch, TopologyError
 from .base import Node, NodeEnv, RunContext, register
 
-__all__ = ["OnnxModel", "PROVIDERS"]
+__all__ = ["OnnxModel", "PROVIDERS", "DEFAULT_PROVIDERS"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ PROVIDERS = {
     "cuda": "CUDAExecutionProvider",
     "cpu": "CPUExecutionProvider",
 }
+#: The providers a Node asks for when its params name none.
+DEFAULT_PROVIDERS = ("cuda", "cpu")
 _SHORT = {v: k for k, v in PROVIDERS.items()}
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
            "tensor(uint8)": np.uint8, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
@@ -53,7 +55,7 @@ class OnnxModel(Node):
                 f"model file {self.model_path} does not exist (set STREAMD_MODELS_DIR or fix the path)",
                 path=f"nodes.{node_id}.params.model",
             )
-        wanted = self.param("providers", ["cuda", "cpu"], kind=list)
+        wanted = self.param("providers", list(DEFAULT_PROVIDERS), kind=list)
         for i, p in enumerate(wanted):
             if p not in PROVIDERS:
                 raise TopologyError(f"unknown execution provider {p!r}; use {', '.join(PROVIDERS)}",
