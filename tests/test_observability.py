@@ -281,8 +281,13 @@ def test_prometheus_sees_inference_by_provider_and_one_latency_sample_per_result
         assert s.prom.query('streamd_inference_duration_seconds_bucket{provider="cpu", le="+Inf"}')
         batched = s.prom.value('sum(streamd_inference_batch_size_sum{model="surface-ae"})')
         assert batched == 24, "every good frame went through the model once"
-        nodes = {x["metric"]["node"] for x in s.prom.query(f"streamd_node_duration_seconds_count{{{topo}}}")}
-        assert {"decode", "preprocess", "autoencoder", "ae_score", "quality", "combine", "publish"} <= nodes
+        # every Node reports its duration; each worker is scraped on its own schedule, so wait for the last one
+        every_node = {"decode", "preprocess", "autoencoder", "ae_score", "quality", "combine", "publish"}
+
+        def nodes_seen() -> set[str]:
+            return {x["metric"]["node"] for x in s.prom.query(f"streamd_node_duration_seconds_count{{{topo}}}")}
+
+        wait_for(lambda: every_node <= nodes_seen(), timeout=30, what=f"node durations of {sorted(every_node)}")
         # The daemon's gauges (refreshed every 5 s).
         s.prom.wait(f'sum(streamd_frames_in_flight{{{topo}}})', lambda v: v == 0, timeout=60,
                     what="nothing left in flight")
