@@ -17,7 +17,8 @@ What it does (docs/performance.md explains how to read the figures):
      confluent-kafka consumer in one consumer group, running the topology's
      Nodes in-process in DAG order (``streamd.dag.plan``) on consumed
      micro-batches, publishing with the real ``kafka.sink`` Node;
-   * **streamd**: ``streamd worker --queues gpu``, ``streamd worker --queues cpu``
+   * **streamd**: ``streamd worker --queues cpu,gpu`` (one worker for both queues, as
+     on a host without a GPU; ``--workers per-queue``: ``--queues gpu`` and ``--queues cpu``)
      and ``streamd run`` as subprocesses (their defaults).
 
    Each is warmed up (``--warmup`` frames, their results awaited), then
@@ -81,6 +82,7 @@ class Variant:
     name: str
     edits: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
+    workers: str = ""  # "one" or "per-queue"; empty: as --workers
 
 
 #: ``--compare``: fusion on/off x batch 32 (shipped)/1 (the shipped streamd otherwise).
@@ -90,15 +92,12 @@ COMPARE_VARIANTS = (
     Variant("fusion on, batch 1", {"fusion": True, "batch.max_size": 1}),
     Variant("fusion off, batch 1", {"fusion": False, "batch.max_size": 1}),
 )
-#: ``--experiments``: what each change of the third round (docs/performance.md) is worth: each is taken
-#: out again through a topology edit, on the same machine, minutes apart.
-_POST_ON_CPU = {"nodes.ae_score.queue": "cpu", "nodes.combine.queue": "cpu", "nodes.publish.queue": "cpu"}
+#: ``--experiments``: what this round's change (docs/performance.md) is worth: the worker layout, on the
+#: same machine, minutes apart. *As shipped* runs first and last, to show the drift between.
 EXPERIMENT_VARIANTS = (
-    Variant("as shipped (2 tasks per batch)"),
-    Variant("without fan-out fusion (quality a stage of its own; 3 tasks)", {"nodes.quality.fuse": False}),
-    Variant("post-processing on the cpu queue (3 tasks)", _POST_ON_CPU),
-    Variant("both: the second round's plan (4 tasks)", {**_POST_ON_CPU, "nodes.quality.fuse": False}),
-    Variant("as shipped, again", {}),
+    Variant("as shipped: one worker for both queues (1 task per batch)", workers="one"),
+    Variant("a worker per queue (2 tasks per batch, the third round's layout)", workers="per-queue"),
+    Variant("as shipped, again", workers="one"),
 )
 
 
@@ -673,11 +672,13 @@ class Inline:
 
 
 class Streamd:
-    """`streamd worker --queues gpu`, `streamd worker --queues cpu` and `streamd run`, as subprocesses."""
+    """`streamd worker --queues cpu,gpu` (or one worker per queue) and `streamd run`, as subprocesses."""
 
     def __init__(self, topo: Topo, services: Services, out: Path, extra_env: dict[str, str], *,
-                 cpu_concurrency: int = 0, gpu_concurrency: int = 0, gpu_pool: str = "") -> None:
+                 cpu_concurrency: int = 0, gpu_concurrency: int = 0, gpu_pool: str = "",
+                 one_worker: bool = False) -> None:
         self.topo = topo
+        self.one_worker = one_worker
         self.concurrency = {"cpu": cpu_concurrency, "gpu": gpu_concurrency}
         self.pools = {"cpu": "", "gpu": gpu_pool}
         self.out = out
@@ -695,10 +696,13 @@ class Streamd:
                                             start_new_session=True)
 
     def start(self) -> None:
-        for q in ("gpu", "cpu"):
-            extra = ["--concurrency", str(self.concurrency[q])] if self.concurrency[q] else []
-            extra += ["--pool", self.pools[q]] if self.pools[q] else []
-            self._start(f"worker-{q}", "worker", str(self.topo.path), "--queues", q, *extra)
+        if self.one_worker:
+            self._start("worker", "worker", str(self.topo.path), "--queues", "cpu,gpu")
+        else:
+            for q in ("gpu", "cpu"):
+                extra = ["--concurrency", str(self.concurrency[q])] if self.concurrency[q] else []
+                extra += ["--pool", self.pools[q]] if self.pools[q] else []
+                self._start(f"worker-{q}", "worker", str(self.topo.path), "--queues", q, *extra)
         self._start("daemon", "run", str(self.topo.path))
 
     def check(self) -> None:
@@ -770,6 +774,7 @@ class Profiler:
             raise BenchError("--profile needs py-spy: .venv/bin/pip install py-spy")
         self.files: dict[str, Path] = {}
         self.procs: list[subprocess.Popen[bytes]] = []
+        out.mkdir(parents=True, exist_ok=True)
         for name, pid in targets.items():
             f = out / f"profile-{name.replace(' ', '-')}.txt"
             self.files[name] = f
@@ -977,11 +982,17 @@ def measure_at(kind: str, args: argparse.Namespace, services: Services, frames: 
         for rate in rates:
             meter = CpuMeter(r.groups)
             meter.start()
+            prof = None
+            if args.profile and isinstance(r.system, Streamd):
+                prof = Profiler(out / f"at-{rate:g}", {n: p.pid for n, p in r.system.procs.items()},
+                                idle=args.profile_idle)
             point = measure_latency(kind, r.prod, r.col, frames, rate, args.load_seconds, None, r.check)
             per = per_frame(meter.stop(), point.received)
             lines.append(f"{kind:8s} at {rate:.1f} frames/s offered: {fmt_point(point)}; CPU {own_cpu(per):.2f} ms "
                          f"per frame ({cpu_parts(per)}); machine busy "
                          f"{per['machine busy'] / max(per['wall'], 1e-9):.2f} of {args.cores} cores")
+            for name, f in (prof.stop() if prof else {}).items():
+                lines.append(profile_line(f"{kind} at {rate:g}", name, summarize_profile(f) | {"file": str(f)}))
     finally:
         r.stop(services)
     return lines
@@ -1049,7 +1060,8 @@ def start_system(kind: str, args: argparse.Namespace, services: Services, frames
         groups["inline processes"] = lambda: [q for p in inline.pids() for q in process_tree(p)]
     else:
         pipeline = system = Streamd(topo, services, out, extra_env, cpu_concurrency=args.cpu_concurrency,
-                                    gpu_concurrency=args.gpu_concurrency, gpu_pool=args.gpu_pool)
+                                    gpu_concurrency=args.gpu_concurrency, gpu_pool=args.gpu_pool,
+                                    one_worker=args.workers == "one")
         check = pipeline.check
         pipeline.start()
         groups.update(pipeline.groups())
@@ -1168,7 +1180,9 @@ def report(m: dict[str, Any], runs: dict[str, SystemRun], compare: list[SystemRu
     knobs += [f"worker --queues {q} --concurrency {n}" for q, n in (("cpu", args.cpu_concurrency),
                                                                     ("gpu", args.gpu_concurrency)) if n]
     knobs += [f"worker --queues gpu --pool {args.gpu_pool}"] if args.gpu_pool else []
-    lines.append("streamd settings: " + ("; ".join(knobs) if knobs else "as shipped"))
+    layout = ("one worker: streamd worker --queues cpu,gpu" if args.workers == "one"
+              else "a worker per queue: streamd worker --queues cpu, streamd worker --queues gpu")
+    lines.append(f"streamd workers: {layout}; settings: " + ("; ".join(knobs) if knobs else "as shipped"))
     for key in ("inline", "streamd"):
         r = runs.get(key)
         if r is None:
@@ -1213,10 +1227,13 @@ def report(m: dict[str, Any], runs: dict[str, SystemRun], compare: list[SystemRu
                      f"{fmt_point(r.half_load)}; "
                      f"other load {others:.2f} cores")
     for r in list(runs.values()) + compare:
-        for name, prof in r.profile.items():
-            cats = ", ".join(f"{c} {share:.0%}" for c, share in prof["categories"][:9])
-            lines.append(f"  profile {r.name} / {name} ({prof['samples']} samples): {cats}")
+        lines += [profile_line(r.name, name, prof) for name, prof in r.profile.items()]
     return "\n".join(lines)
+
+
+def profile_line(label: str, process: str, prof: dict[str, Any]) -> str:
+    cats = ", ".join(f"{c} {share:.0%}" for c, share in prof["categories"][:9])
+    return f"  profile {label} / {process} ({prof['samples']} samples): {cats}"
 
 
 def _points(r: SystemRun) -> list[tuple[str, LoadPoint]]:
@@ -1287,7 +1304,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--at", default="", metavar="RATE[,RATE...]",
                    help="only latency and CPU per frame of every process at these offered rates (frames/s), "
                         "on one start of each system (--only picks one); no burst, no search")
-    p.add_argument("--profile", action="store_true", help="py-spy the streamd processes during the burst")
+    p.add_argument("--profile", action="store_true",
+                   help="py-spy the streamd processes during the burst (with --at: at each rate)")
     p.add_argument("--profile-idle", action="store_true", help="with --profile: include idle (waiting) samples")
     p.add_argument("--only", choices=("inline", "streamd", "variants"),
                    help="measure one system only (variants: only those of --compare/--experiments)")
@@ -1297,6 +1315,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpu-concurrency", type=int, default=0, help="streamd worker --queues gpu --concurrency N")
     p.add_argument("--gpu-pool", choices=("prefork", "solo", "threads"), default="",
                    help="streamd worker --queues gpu --pool P (default: the worker's own choice, prefork)")
+    p.add_argument("--workers", choices=("one", "per-queue"), default="one",
+                   help="one (default, what docs/deployment.md advises on a host without a GPU): a single "
+                        "`streamd worker --queues cpu,gpu`; per-queue: `--queues cpu` and `--queues gpu`")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                    help="topology edit for both systems (repeatable), e.g. fusion=false, batch.max_size=1")
     p.add_argument("--topology", type=Path, default=DEFAULT_TOPOLOGY)
@@ -1385,8 +1406,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.experiments:
             variants += EXPERIMENT_VARIANTS
         for v in variants:
-            r = attempt(f"streamd {v.name}", lambda v=v: run_system(  # type: ignore[misc]
-                "streamd", args, services, frames, args.out, edits={**edits, **v.edits},
+            vargs = argparse.Namespace(**{**vars(args), "workers": v.workers or args.workers})
+            r = attempt(f"streamd {v.name}", lambda v=v, vargs=vargs: run_system(  # type: ignore[misc]
+                "streamd", vargs, services, frames, args.out, edits={**edits, **v.edits},
                 extra_env={**extra_env, **v.env}, label=f"streamd {v.name}"))
             if r:
                 compare.append(r)

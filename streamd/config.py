@@ -53,6 +53,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("STREAMD_WORKER_CONCURRENCY", "0", "processes per worker (0: 1 for gpu, cores for cpu)"),
     Variable("STREAMD_MALLOC_TUNING", "1",
              "1: keep large buffers in the heap (glibc mallopt thresholds, see streamd.memory); 0: leave malloc alone"),
+    Variable("STREAMD_UVLOOP", "1",
+             "1: the daemon's event loops run on uvloop where it is installed (less CPU per event); 0: asyncio's own"),
     Variable("STREAMD_MODELS_DIR", "",
              "where relative model paths resolve first (then the topology's folder, its parent, ./)"),
 )
@@ -125,6 +127,7 @@ class Settings:
     onnx_threads: int = 0
     worker_concurrency: int = 0
     malloc_tuning: bool = True
+    uvloop: bool = True
     models_dir: str = ""
 
     @classmethod
@@ -169,6 +172,7 @@ class Settings:
             onnx_threads=_int(env, "STREAMD_ONNX_THREADS"),
             worker_concurrency=_int(env, "STREAMD_WORKER_CONCURRENCY"),
             malloc_tuning=_switch(env, "STREAMD_MALLOC_TUNING"),
+            uvloop=_switch(env, "STREAMD_UVLOOP"),
             models_dir=_get(env, "STREAMD_MODELS_DIR"),
         )
 

@@ -27,11 +27,12 @@ outputs (see :mod:`streamd.runs`).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from .topology import Topology
 
-__all__ = ["Stage", "Plan", "plan"]
+__all__ = ["Stage", "Plan", "plan", "in_process"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class Plan:
     stages: dict[str, Stage]
     order: tuple[str, ...]
     sink_stages: tuple[str, ...]
+    fusion: bool = True  # whether the plan fused Nodes (topology's ``fusion``, or the override)
 
     @property
     def exports(self) -> tuple[str, ...]:
@@ -108,6 +110,7 @@ def plan(topo: Topology, sink_nodes: set[str], *, fusion: bool | None = None) ->
         stages=stages,
         order=order,
         sink_stages=tuple(s for s in order if stages[s].has_sink),
+        fusion=fuse_all,
     )
 
 
@@ -145,3 +148,17 @@ def _downstream(topo: Topology, stage: str, stage_of: dict[str, str], members: d
                 seen.add(stage_of[c])
                 todo.append(stage_of[c])
     return seen
+
+
+def in_process(plan: Plan, topo: Topology, queues: Collection[str]) -> frozenset[str]:
+    """The stages a worker serving ``queues`` runs itself, right after their parent stage, in the same task.
+
+    A stage qualifies when its only parent stage and itself are on the worker's queues (the task's
+    outputs are already in the process: sending them through Redis and the broker to this same
+    worker would only add a hop) and fusion allows it (the plan fused, and the stage's first Node may
+    fuse). A join waits for other stages, so it is always dispatched."""
+    if not plan.fusion:
+        return frozenset()
+    return frozenset(s.id for s in plan.stages.values()
+                     if len(s.parents) == 1 and s.queue in queues and plan.stages[s.parents[0]].queue in queues
+                     and topo.nodes[s.head].fuse)

@@ -48,10 +48,13 @@ class Retry(Exception):
 class StageExecutor:
     def __init__(self, *, topology: str, plan: Plan, nodes: Mapping[str, Node], store: RunStore,
                  dead_letters: DeadLetterSink, dispatch: Dispatch, metrics: Any = None,
-                 shedding_topics: Collection[str] | None = None) -> None:
+                 shedding_topics: Collection[str] | None = None, in_process: Collection[str] = ()) -> None:
         """``shedding_topics``: the source topics whose runs may be shed while in flight
-        (``Topology.shedding_topics``); a sink stage looks for their tombstones. None: look always."""
+        (``Topology.shedding_topics``); a sink stage looks for their tombstones. None: look always.
+        ``in_process``: the stages this process runs itself, right after their parent stage, instead of
+        dispatching them (:func:`streamd.dag.in_process`)."""
         self.topology = topology
+        self.in_process = frozenset(in_process)
         self.shedding_topics = shedding_topics
         self.plan = plan
         self.nodes = nodes
@@ -79,6 +82,10 @@ class StageExecutor:
     def run(self, stage_id: str, batch: Batch, *, final_attempt: bool, redelivered: bool = False) -> None:
         stage = self.plan.stages[stage_id]
         runs, inputs, letters = self._inputs(stage, batch)
+        self._run(stage, batch, runs, inputs, letters, final_attempt=final_attempt, redelivered=redelivered)
+
+    def _run(self, stage: Stage, batch: Batch, runs: list[RunContext], inputs: list[dict[str, Any]],
+             letters: list[DeadLetter], *, final_attempt: bool, redelivered: bool) -> None:
         if stage.has_sink and self._may_be_shed(runs):  # runs shed meanwhile already have their dead letter
             shed = self.store.dropped([r.run_id for r in runs])
             if shed:
@@ -97,25 +104,65 @@ class StageExecutor:
             runs = ok
             for values, out in zip(inputs, outs, strict=True):
                 values[node_id] = out
+        here = [c for c in stage.children if c in self.in_process]
+        sent = [c for c in stage.children if c not in self.in_process]
         ready: list[bool] = []
-        if stage.children and runs:
-            runs, packed, bad = self._pack_outputs(stage, runs, inputs)
+        if sent and runs:
+            runs, inputs, ready, bad = self._store_outputs(stage, batch, runs, inputs, sent, redelivered)
             letters += bad
-            if runs:
-                children = [(c, len(self.plan.stages[c].parents)) for c in stage.children]
-                ready = self.store.put_outputs_and_join(batch.batch_id, stage.id, packed, children,
-                                                        redelivered=redelivered)
-        if letters:
-            self.dead_letters.publish(letters)
-            self.store.finish([r for r in batch.runs if r.run_id in {_run_id(d, batch) for d in letters}])
+        self._dead_letter(batch, letters)
         if not runs:
             return
         alive = batch.only({r.run_id for r in runs})
-        for child_id, go in zip(stage.children, ready, strict=True):
+        for child_id, go in zip(sent, ready, strict=True):
             if go:
                 self.dispatch(self.plan.stages[child_id], alive)
+        for child_id in here:
+            self._run_here(stage, self.plan.stages[child_id], alive, runs, inputs, redelivered)
         if stage.has_sink and self.store.sinks_done(batch.batch_id, stage.id, len(self.plan.sink_stages)):
             self.store.finish(runs, forget=(batch.batch_id, self.plan.order, self.plan.exports))
+
+    def _run_here(self, parent: Stage, child: Stage, batch: Batch, runs: list[RunContext],
+                  inputs: list[dict[str, Any]], redelivered: bool) -> None:
+        """Run ``child`` in this process on the parent's outputs as they are: no broker, no Redis. A
+        failure gives it to its queue after all (outputs stored, task dispatched), where its retries
+        and dead letters work as for any stage task."""
+        values = [{n: v[n] for n in child.input_nodes} for v in inputs]
+        try:
+            self._run(child, batch, list(runs), values, [], final_attempt=False, redelivered=redelivered)
+        except Exception as exc:  # noqa: BLE001 - handed to the broker, which retries it
+            log.warning("stage %s failed in-process after %s (%s: %s); dispatching it to queue %s",
+                        child.id, parent.id, type(exc).__name__, exc, child.queue,
+                        extra={"stage": child.id, "topology": self.topology})
+            self._count_in_process(child, "dispatched")
+            runs, _, _, bad = self._store_outputs(parent, batch, runs, inputs, [child.id], redelivered)
+            self._dead_letter(batch, bad)
+            if runs:
+                self.dispatch(child, batch.only({r.run_id for r in runs}))
+            return
+        self._count_in_process(child, "ran")
+
+    # -- steps ---------------------------------------------------------------------
+    def _store_outputs(self, stage: Stage, batch: Batch, runs: list[RunContext], inputs: list[dict[str, Any]],
+                       children: Sequence[str], redelivered: bool
+                       ) -> tuple[list[RunContext], list[dict[str, Any]], list[bool], list[DeadLetter]]:
+        """Store the stage's exports for ``children`` and record it with their joins; returns the runs
+        kept, their values, whether each child is ready, and dead letters for runs that cannot be stored."""
+        runs, inputs, packed, bad = self._pack_outputs(stage, runs, inputs)
+        if not runs:
+            return runs, inputs, [False] * len(children), bad
+        counts = [(c, len(self.plan.stages[c].parents)) for c in children]
+        ready = self.store.put_outputs_and_join(batch.batch_id, stage.id, packed, counts, redelivered=redelivered)
+        return runs, inputs, ready, bad
+
+    def _dead_letter(self, batch: Batch, letters: list[DeadLetter]) -> None:
+        if letters:
+            self.dead_letters.publish(letters)
+            self.store.finish([r for r in batch.runs if r.run_id in {_run_id(d, batch) for d in letters}])
+
+    def _count_in_process(self, stage: Stage, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.stages_in_process.labels(self.topology, stage.id, outcome).inc()
 
     # -- steps ---------------------------------------------------------------------
     def _may_be_shed(self, runs: Sequence[RunContext]) -> bool:
@@ -124,10 +171,10 @@ class StageExecutor:
         return any(r.origin.topic in self.shedding_topics for r in runs)
 
     def _pack_outputs(self, stage: Stage, runs: list[RunContext], inputs: list[dict[str, Any]]
-                      ) -> tuple[list[RunContext], dict[str, bytes], list[DeadLetter]]:
+                      ) -> tuple[list[RunContext], list[dict[str, Any]], dict[str, bytes], list[DeadLetter]]:
         """The stage's exported outputs, packed by Node; a run whose output cannot be stored is dead-lettered."""
         try:
-            return runs, _pack(stage.exports, runs, inputs), []
+            return runs, inputs, _pack(stage.exports, runs, inputs), []
         except TypeError:  # some Node output holds a type that cannot cross stages: find which runs
             letters, keep = [], []
             for k, (run, inp) in enumerate(zip(runs, inputs, strict=True)):
@@ -139,7 +186,7 @@ class StageExecutor:
                 letters.append(DeadLetter(run.origin, "node_failed", f"output of node {node!r} cannot "
                                           f"be stored for the next stage: {exc}", node, run.source))
             runs, inputs = [runs[k] for k in keep], [inputs[k] for k in keep]
-            return runs, _pack(stage.exports, runs, inputs), letters
+            return runs, inputs, _pack(stage.exports, runs, inputs), letters
 
     def _inputs(self, stage: Stage, batch: Batch) -> tuple[list[RunContext], list[dict[str, Any]], list[DeadLetter]]:
         runs: list[RunContext] = []

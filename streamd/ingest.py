@@ -12,6 +12,7 @@ messages, and their deterministic run ids make the replay overwrite, not add.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -95,8 +96,8 @@ class Ingestor:
                 self.dispatch(stage, batch)
         self.dead_letters.publish(letters)
         if self.metrics is not None:
-            for run, _ in admitted:
-                self.metrics.frames_ingested.labels(self.topology.name, run.origin.topic).inc()
+            for topic, n in Counter(run.origin.topic for run, _ in admitted).items():
+                self.metrics.frames_ingested.labels(self.topology.name, topic).inc(n)
 
     def _overload(self, admitted: list[tuple[RunContext, bytes]]) -> tuple[list[tuple[RunContext, bytes]],
                                                                              list[DeadLetter]]:

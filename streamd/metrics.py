@@ -134,3 +134,10 @@ class Metrics:
             ["topology", "stage"],
             registry=r,
         )
+        self.stages_in_process = Counter(
+            "streamd_stages_in_process_total",
+            "Stage runs a worker did itself right after their parent stage, without the broker (outcome ran), "
+            "or handed to their queue after failing there (outcome dispatched)",
+            ["topology", "stage", "outcome"],
+            registry=r,
+        )

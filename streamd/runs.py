@@ -84,13 +84,18 @@ class RunStore:
     # -- ingest side ---------------------------------------------------------------
     def admit(self, items: Sequence[tuple[RunContext, bytes]]) -> None:
         """Store payloads (claim check) and mark the runs in flight, in one round trip."""
+        if not items:
+            return
         now = time.time()
         pipe = self.r.pipeline(transaction=False)
+        inflight: dict[str, dict[str | bytes, bytes | float | int | str]] = {}
         for i, (run, raw) in enumerate(items):
             pipe.set(self.keys.frame(run.run_id), raw, px=self.ttl_ms)
             # a microsecond apart, so "oldest" keeps the arrival order within a batch
-            pipe.zadd(self.keys.inflight(run.origin.topic), {member(run): now + i * 1e-6})
-            pipe.hset(self.keys.bytes(), run.run_id, len(raw))
+            inflight.setdefault(run.origin.topic, {})[member(run)] = now + i * 1e-6
+        for topic, members in inflight.items():  # one ZADD per topic and one HSET, not one per run
+            pipe.zadd(self.keys.inflight(topic), members)
+        pipe.hset(self.keys.bytes(), mapping={run.run_id: len(raw) for run, raw in items})
         pipe.execute()
 
     def in_flight(self, topic: str) -> int:

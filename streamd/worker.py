@@ -25,7 +25,7 @@ from celery.exceptions import Reject
 
 from .broker import TASK_NAME, Dispatcher, make_celery
 from .config import Settings
-from .dag import plan
+from .dag import in_process, plan
 from .deadletters import DeadLetter, DeadLetterSink
 from .exceptions import ConfigError, StreamdError
 from .executor import Retry, StageExecutor
@@ -83,7 +83,8 @@ class WorkerRuntime:
             executor = StageExecutor(topology=self.topology.name, plan=self.plan, nodes=self._nodes,
                                      store=self.store, dead_letters=self.dead_letters,
                                      dispatch=Dispatcher(self.app, self.topology), metrics=self.metrics,
-                                     shedding_topics=self.topology.shedding_topics())
+                                     shedding_topics=self.topology.shedding_topics(),
+                                     in_process=in_process(self.plan, self.topology, self.queues))
             executor.setup(self.queues)
             self.publisher.warm()  # the producer id is fetched while the process waits for its first task
             self._executor = executor

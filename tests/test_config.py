@@ -193,6 +193,8 @@ def test_every_variable_is_accepted_with_its_default():
 
 
 @pytest.mark.parametrize(("value", "expected"), [("1", True), ("0", False), ("off", False), ("TRUE", True)])
-def test_malloc_tuning_switch(value, expected):
-    assert Settings.from_env({"STREAMD_MALLOC_TUNING": value}).malloc_tuning is expected
-    assert Settings.from_env({}).malloc_tuning is True
+@pytest.mark.parametrize(("variable", "field"), [("STREAMD_MALLOC_TUNING", "malloc_tuning"),
+                                                 ("STREAMD_UVLOOP", "uvloop")])
+def test_switches(variable, field, value, expected):
+    assert getattr(Settings.from_env({variable: value}), field) is expected
+    assert getattr(Settings.from_env({}), field) is True

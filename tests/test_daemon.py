@@ -3,15 +3,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import builtins
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import uvloop
 
 from streamd import tp
 from streamd.config import Settings
+from streamd.daemon import use_uvloop
 from streamd.kafka import ensure_topics
 
 from .support import Procs, TopicReader, camera_frames, frame_message, make_topology, produce, wait_for
@@ -158,3 +163,39 @@ def test_assignment_is_gauged_per_source_topic(tmp_path: Path, redis_url: str, b
     finally:
         daemon.dispatcher.close()
         daemon.publisher.close()
+
+
+# -- the event loop (no services needed) -------------------------------------------------------
+
+
+@pytest.fixture
+def policy() -> Iterator[None]:
+    before = asyncio.get_event_loop_policy()
+    yield
+    asyncio.set_event_loop_policy(before)
+
+
+def test_loops_made_after_use_uvloop_are_uvloop_loops(policy):
+    assert use_uvloop() is True
+    loop = asyncio.new_event_loop()  # as faust's consumer thread makes its own
+    try:
+        assert isinstance(loop, uvloop.Loop)
+        assert loop.run_until_complete(asyncio.sleep(0, result="ran")) == "ran"
+    finally:
+        loop.close()
+
+
+def test_without_uvloop_the_policy_is_left_alone(policy, monkeypatch, caplog):
+    real_import = builtins.__import__
+
+    def no_uvloop(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "uvloop":
+            raise ImportError("No module named 'uvloop'")
+        return real_import(name, *args, **kwargs)
+
+    before = asyncio.get_event_loop_policy()
+    monkeypatch.setattr(builtins, "__import__", no_uvloop)
+    with caplog.at_level("INFO", logger="streamd.daemon"):
+        assert use_uvloop() is False
+    assert asyncio.get_event_loop_policy() is before
+    assert "uvloop is not installed" in caplog.text

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from streamd.config import Settings
-from streamd.dag import Plan, plan
+from streamd.dag import Plan, in_process, plan
 from streamd.nodes.base import Node, resolve
 from streamd.topology import Topology, load
 
@@ -296,3 +296,32 @@ def test_sink_nodes_argument_decides_has_sink(tmp_path):
     p = plan(t, {"c", "out"})
     assert p.sink_stages == ("c", "out")
     assert plan(t, set()).sink_stages == ()
+
+
+# -- stages a worker runs in-process ------------------------------------------------------------
+
+
+def test_a_worker_serving_both_queues_runs_the_shipped_model_stage_in_process(shipped):
+    t = load(SHIPPED, settings=SETTINGS)
+    assert in_process(shipped, t, ("cpu", "gpu")) == {"autoencoder"}
+    assert in_process(shipped, t, ("gpu",)) == set()  # its parent stage runs on another worker
+    assert in_process(shipped, t, ("cpu",)) == set()
+    assert in_process(make_plan(t, fusion=False), t, ("cpu", "gpu")) == set()
+
+
+def test_in_process_follows_single_parent_stages_on_served_queues_and_fuse(tmp_path):
+    nodes = {
+        "a": {"type": PASS},
+        "m": {"type": PASS, "parents": ["a"], "queue": "gpu"},
+        "c": {"type": PASS, "parents": ["m"]},
+        "j": {"type": PASS, "parents": ["c", "m"], "queue": "side"},
+        "out": {"type": SINK, "parents": ["j"], "queue": "side"},
+    }
+    t = topo(tmp_path, nodes)
+    p = make_plan(t)
+    assert {sid: s.parents for sid, s in p.stages.items()} == {
+        "a": (), "m": ("a",), "c": ("m",), "j": ("c", "m")}
+    assert in_process(p, t, ("cpu", "gpu", "side")) == {"m", "c"}  # j is a join: always a task
+    assert in_process(p, t, ("cpu", "side")) == set()
+    t = topo(tmp_path, {**nodes, "c": {"type": PASS, "parents": ["m"], "fuse": False}})
+    assert in_process(make_plan(t), t, ("cpu", "gpu", "side")) == {"m"}

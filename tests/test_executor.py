@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from streamd import tp
 from streamd.config import Settings
-from streamd.dag import Stage, plan
+from streamd.dag import Stage, in_process, plan
 from streamd.deadletters import DeadLetter
 from streamd.exceptions import BadInput
 from streamd.executor import Retry, StageExecutor
@@ -116,7 +116,7 @@ def topology_yaml(name: str, fail_seqs: Sequence[int], fuse_join: bool = False) 
 
 class Harness:
     def __init__(self, client: redis.Redis, tmp_path: Path, fail_seqs: Sequence[int] = (),
-                 fuse_join: bool = False) -> None:
+                 fuse_join: bool = False, queues: Sequence[str] = ()) -> None:
         self.client = client
         self.name = f"test-exec-{uuid.uuid4().hex[:10]}"
         path = tmp_path / f"{self.name}.yaml"
@@ -132,7 +132,8 @@ class Harness:
         self.metrics = Metrics(self.registry)
         self.executor = StageExecutor(topology=self.name, plan=self.plan, nodes=nodes, store=self.store,
                                       dead_letters=self.dead,  # type: ignore[arg-type]
-                                      dispatch=self.dispatch, metrics=self.metrics)
+                                      dispatch=self.dispatch, metrics=self.metrics,
+                                      in_process=in_process(self.plan, self.topology, queues))
 
     def dispatch(self, stage: Stage, batch: Batch) -> None:
         self.calls.append((stage.id, batch))
@@ -175,8 +176,8 @@ class Harness:
 def make(client: redis.Redis, tmp_path: Path) -> Iterator[Any]:
     made: list[Harness] = []
 
-    def factory(fail_seqs: Sequence[int] = (), fuse_join: bool = False) -> Harness:
-        h = Harness(client, tmp_path, fail_seqs, fuse_join)
+    def factory(fail_seqs: Sequence[int] = (), fuse_join: bool = False, queues: Sequence[str] = ()) -> Harness:
+        h = Harness(client, tmp_path, fail_seqs, fuse_join, queues)
         made.append(h)
         return h
 
@@ -484,3 +485,56 @@ def test_redelivered_sink_task_after_success_sends_no_dead_letters(make):
     # the worker died after the sink finished the runs but before Celery got the ack: the task comes back
     h.executor.run("sink", batch, final_attempt=True, redelivered=True)
     assert h.dead.letters == []
+
+
+# -- stages run in-process (a worker that serves the child's queue too) -----------------------------
+
+
+def _in_process_count(h: Harness, stage: str, outcome: str) -> float | None:
+    return h.registry.get_sample_value("streamd_stages_in_process_total",
+                                       {"topology": h.name, "stage": stage, "outcome": outcome})
+
+
+def test_branches_on_a_served_queue_run_in_process_and_only_the_join_is_dispatched(make):
+    h = make(queues=("cpu", "side"))
+    assert h.executor.in_process == {"left", "right"}  # the join waits for two stages: always a task
+    batch = h.admit([2, 4, 6])
+    h.executor.run("check", batch, final_attempt=False)
+    assert [(s, h.seqs(b)) for s, b in h.calls] == [("sink", [2, 4, 6])]
+    # check's output was handed over in memory: only what the dispatched join reads is in Redis
+    assert h.store.outputs(batch.batch_id, ["double"]) == [None]
+    assert h.store.outputs(batch.batch_id, ["left", "right"])[0] == {h.run_for(s).run_id: s * 4 for s in (2, 4, 6)}
+    h.drain()
+    # the same records as with every stage a task of its own (test_sink_stage_finishes_runs)
+    assert h.recorded() == {2: {"left": 8, "right": 5}, 4: {"left": 16, "right": 9}, 6: {"left": 24, "right": 13}}
+    assert h.store.in_flight(TOPIC) == 0
+    assert h.store.store_size() == (0, 0)
+    assert h.store.outputs(batch.batch_id, list(h.plan.order)) == [None] * 4
+    assert _in_process_count(h, "left", "ran") == _in_process_count(h, "right", "ran") == 1
+
+
+def test_a_stage_failing_in_process_is_dispatched_to_its_queue_with_its_inputs(make):
+    h = make(fail_seqs=[4], queues=("cpu", "side"))
+    batch = h.admit([2, 4, 6])
+    h.executor.run("check", batch, final_attempt=False)  # right raises for run 4: no Retry escapes
+    assert [(s, h.seqs(b)) for s, b in h.calls] == [("right", [2, 4, 6])]
+    assert h.store.outputs(batch.batch_id, ["double"])[0] == {h.run_for(s).run_id: s * 2 for s in (2, 4, 6)}
+    assert _in_process_count(h, "right", "dispatched") == 1
+    with pytest.raises(Retry):  # the task's own retries, as for any stage task
+        h.executor.run("right", batch, final_attempt=False)
+    h.drain(final_attempt=True)
+    assert h.recorded() == {2: {"left": 8, "right": 5}, 6: {"left": 24, "right": 13}}
+    assert [(d.reason, d.stage) for d in h.dead.letters] == [("node_failed", "right")]
+    assert h.store.in_flight(TOPIC) == 0
+
+
+def test_bad_input_in_an_in_process_stage_dead_letters_only_that_run(make):
+    h = make(queues=("cpu", "side"), fuse_join=True)  # stages check, right (in-process), [left, sink] (a join)
+    assert h.executor.in_process == {"right"}
+    batch = h.admit([1, 2])
+    h.executor.run("check", batch, final_attempt=True)
+    assert [d.reason for d in h.dead.letters] == ["bad_input"]  # check rejected run 1 before the branches
+    assert [(s, h.seqs(b)) for s, b in h.calls] == [("left", [2])]
+    h.drain()
+    assert h.recorded() == {2: {"left": 8, "right": 5}}
+    assert h.store.in_flight(TOPIC) == 0

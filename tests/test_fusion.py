@@ -19,7 +19,7 @@ import yaml
 
 from streamd import services, tp
 from streamd.config import Settings
-from streamd.dag import Stage, plan
+from streamd.dag import Stage, in_process, plan
 from streamd.deadletters import DeadLetterSink
 from streamd.executor import StageExecutor
 from streamd.nodes.base import Origin, RunContext
@@ -40,7 +40,9 @@ class Recorder:
         return len(records)
 
 
-def _run(tmp: Path, fusion: bool, frames: list[tuple[str, int, Any, Any]]) -> tuple[list[dict], int]:
+def _run(tmp: Path, fusion: bool, frames: list[tuple[str, int, Any, Any]], queues: tuple[str, ...] = ()
+         ) -> tuple[list[dict], int]:
+    """Records published and stage tasks run; ``queues``: those of the one worker that runs every task."""
     data = yaml.safe_load((REPO / "topologies" / "surface-inspection.yaml").read_text())
     data["name"] = f"fusion-{uuid.uuid4().hex[:8]}"
     data["fusion"] = fusion
@@ -59,7 +61,7 @@ def _run(tmp: Path, fusion: bool, frames: list[tuple[str, int, Any, Any]]) -> tu
     tasks: deque[tuple[Stage, Batch]] = deque()
     executor = StageExecutor(topology=topo.name, plan=p, nodes=nodes, store=store,
                              dead_letters=DeadLetterSink(topo.name, "dlq", recorder), dispatch=lambda s, b:
-                             tasks.append((s, b)))
+                             tasks.append((s, b)), in_process=in_process(p, topo, queues))
     runs = []
     items = []
     for offset, (src, seq, img, _) in enumerate(frames):
@@ -100,3 +102,17 @@ def test_fusion_on_and_off_publish_identical_records(tmp_path: Path) -> None:
     # decode+preprocess+quality (cpu) and autoencoder+ae_score+combine+publish (gpu) fuse:
     # 2 stage tasks per batch instead of 7
     assert (fused_tasks, unfused_tasks) == (2, 7)
+
+
+def test_one_worker_for_both_queues_runs_the_model_stage_in_process(tmp_path: Path) -> None:
+    if not services.reachable(REDIS_URL, 6379):
+        pytest.skip(f"no Redis at {REDIS_URL}: start redis-server or set STREAMD_TEST_REDIS_URL")
+    frames = list(camera_frames(12, cameras=2, defect_every=3, seed=9))
+    split, split_tasks = _run(tmp_path, True, frames)
+    one, one_tasks = _run(tmp_path, True, frames, queues=("cpu", "gpu"))
+    off, off_tasks = _run(tmp_path, False, frames, queues=("cpu", "gpu"))
+    assert one == split == off
+    assert any(d["kind"] == "anomaly" for d in one)
+    # a worker that serves both queues runs the gpu stage right after the cpu one: one task per batch;
+    # with fusion off, every Node is still a task of its own
+    assert (split_tasks, one_tasks, off_tasks) == (2, 1, 7)

@@ -316,6 +316,7 @@ def test_dashboard_has_the_panels_operators_need() -> None:
         "streamd_frame_store_keys",
         "streamd_frame_store_bytes",
         "streamd_task_retries_total",
+        "sum by (stage, outcome) (rate(streamd_stages_in_process_total",
     ):
         assert needle in exprs, needle
 
