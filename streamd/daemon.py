@@ -73,6 +73,9 @@ log = logging.getLogger(__name__)
 MONITOR_INTERVAL_S = 5.0
 #: Seconds a broker backlog reading is reused by the batch windows of every source.
 BACKLOG_CHECK_S = 0.05
+#: Longest pause between two reads of the in-flight count while a ``block`` source is at its bound: the
+#: workers are draining what is in flight, and each pause is time they may run dry (a read is one ZCARD).
+ROOM_POLL_MAX_S = 0.02
 _INFRA_ERRORS = (StreamdError, redis.RedisError, KombuError, OSError, ConnectionError)
 
 
@@ -260,7 +263,7 @@ class Daemon:
     async def _wait_room(self, topic: str) -> int:
         """Wait until the topic has room for at least one more run in flight; return the room."""
         loop = asyncio.get_running_loop()
-        delay = 0.005
+        delay = 0.002
         stale_after = self.settings.frame_ttl_s * 2
         waited = 0.0
         while True:
@@ -273,7 +276,7 @@ class Daemon:
                 return room
             await asyncio.sleep(delay)
             waited += delay
-            delay = min(delay * 2, 0.25)
+            delay = min(delay * 2, ROOM_POLL_MAX_S)
             if waited > 5.0:  # entries of runs whose payload expired long ago cannot block forever
                 await loop.run_in_executor(self.pool, self.store.prune, topic, stale_after)
                 waited = 0.0
