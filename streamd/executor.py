@@ -11,6 +11,10 @@
 3. The outputs that later stages read (the stage's exports) go to Redis,
    one value per Node; each child stage is dispatched (joins dispatch once
    all their parents are done); a sink stage ends the runs.
+4. A child stage this worker serves too, whose only parent stage is this
+   one (``in_process``, see :func:`streamd.dag.in_process`), runs right here
+   on the outputs in memory instead: no Redis, no broker. If it fails, its
+   inputs are stored and it is dispatched after all, to retry as a task.
 """
 
 from __future__ import annotations
@@ -164,7 +168,6 @@ class StageExecutor:
         if self.metrics is not None:
             self.metrics.stages_in_process.labels(self.topology, stage.id, outcome).inc()
 
-    # -- steps ---------------------------------------------------------------------
     def _may_be_shed(self, runs: Sequence[RunContext]) -> bool:
         if self.shedding_topics is None:
             return bool(runs)
