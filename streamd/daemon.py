@@ -12,8 +12,10 @@ Back-pressure: under ``overload: block`` the agent waits until the topic has
 room below ``max_in_flight``; faust's buffers fill and it stops fetching, so
 lag grows and nothing is dropped.
 
-Micro-batches: a batch is cut ``batch.max_wait_ms`` after its first event,
-unless stage tasks are waiting in the broker for a worker (the workers are
+Micro-batches: a batch is cut ``batch.max_wait_ms`` after its first event
+(at once, with what the queue holds, when nothing was in flight at the
+topic's previous hand-off: at a light load a window gathers nothing and only
+adds latency), unless stage tasks are waiting in the broker for a worker (the workers are
 all busy, at any stage): then it keeps gathering, window by window, up to
 ``batch.busy_wait_ms``, since handing it off now would only queue it. A
 light load keeps its latency (a free worker takes the batch at once); a load
@@ -104,6 +106,7 @@ class Daemon:
         self.group_id = settings.group_id or topology.group_id
         self._stop = threading.Event()
         self._backlog_seen, self._backlog_at = 0, float("-inf")
+        self._idle: dict[str, bool] = {}  # per source topic: nothing was in flight at its last hand-off
         self.app = self._build_app()
 
     # -- start-up ------------------------------------------------------------------
@@ -197,7 +200,9 @@ class Daemon:
         while True:
             events = [await queue.get()]
             start = loop.time()
-            deadline, last = start + wait_s, start + busy_s
+            # Nothing was in flight at the last hand-off (a light load): a window would gather nothing more
+            # and only add its length to the latency, so the batch is what the queue holds now.
+            deadline, last = start + (0.0 if self._idle.get(topic) else wait_s), start + busy_s
             while len(events) < batch_max:
                 if not queue.empty():  # what is there already: no timer, no task per event
                     events.append(queue.get_nowait())
@@ -254,8 +259,10 @@ class Daemon:
         return done
 
     def _handoff_sync(self, topic: str, msgs: list[InMessage], block: bool) -> int:
+        in_flight = self.store.in_flight(topic)
+        self._idle[topic] = in_flight == 0  # the runs handed off before have all ended: a light load
         if block:
-            msgs = msgs[:max(0, self.ingestor.room(topic))]
+            msgs = msgs[:max(0, self.topology.source(topic).max_in_flight - in_flight)]
         if msgs:
             self.ingestor.handle(msgs)
         return len(msgs)

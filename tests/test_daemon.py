@@ -199,3 +199,47 @@ def test_without_uvloop_the_policy_is_left_alone(policy, monkeypatch, caplog):
         assert use_uvloop() is False
     assert asyncio.get_event_loop_policy() is before
     assert "uvloop is not installed" in caplog.text
+
+
+# -- the batch window (no services needed) ---------------------------------------------------------
+
+
+def _batches(idle: bool) -> list[list[str]]:
+    """Two events 20 ms apart through the flusher with a 500 ms window; the hand-offs it makes."""
+    from streamd.daemon import Daemon
+
+    daemon = Daemon.__new__(Daemon)  # only the flusher's own state: no services
+    daemon._idle = {"in": idle}
+    handed: list[list[str]] = []
+
+    async def handoff(topic: str, events: list[str]) -> None:
+        handed.append(events)
+
+    async def backlog() -> int:
+        return 0
+
+    daemon._handoff = handoff  # type: ignore[method-assign]
+    daemon._backlog = backlog  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        queue: asyncio.Queue[str] = asyncio.Queue()
+        flusher = asyncio.ensure_future(daemon._flusher("in", queue, 32, 0.5, 0.5))
+        await queue.put("a")
+        await asyncio.sleep(0.02)
+        await queue.put("b")
+        for _ in range(200):
+            if sum(map(len, handed)) == 2:
+                break
+            await asyncio.sleep(0.01)
+        flusher.cancel()
+
+    asyncio.run(scenario())
+    return handed
+
+
+def test_a_batch_waits_its_window_while_runs_are_in_flight():
+    assert _batches(idle=False) == [["a", "b"]]
+
+
+def test_with_nothing_in_flight_a_batch_goes_without_waiting_its_window():
+    assert _batches(idle=True) == [["a"], ["b"]]
