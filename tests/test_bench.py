@@ -34,5 +34,8 @@ def test_bench_runs_both_systems_and_prints_the_figures(tmp_path: Path, kafka_bo
         assert line, text
         assert float(line.group(1)) > 0
     assert re.search(r"^ratio streamd/inline: throughput [\d.]+", text, re.M), text
+    # by default streamd runs as a host without a GPU runs it: one worker for both queues
+    assert "streamd workers: one worker: streamd worker --queues cpu,gpu" in text, text
+    assert re.search(r"streamd CPU ms per frame .*streamd worker pool [\d.]+", text), text
     assert "ratio streamd/inline" in (out / "report.txt").read_text()
     assert (out / "summary.json").exists()
