@@ -1316,7 +1316,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpu-pool", choices=("prefork", "solo", "threads"), default="",
                    help="streamd worker --queues gpu --pool P (default: the worker's own choice, prefork)")
     p.add_argument("--workers", choices=("one", "per-queue"), default="one",
-                   help="one (default, what docs/deployment.md advises on a host without a GPU): a single "
+                   help="one (default, what docs/operations.md advises on a host without a GPU): a single "
                         "`streamd worker --queues cpu,gpu`; per-queue: `--queues cpu` and `--queues gpu`")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                    help="topology edit for both systems (repeatable), e.g. fusion=false, batch.max_size=1")
@@ -1331,7 +1331,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--broker-url", default=os.environ.get("STREAMD_BENCH_BROKER_URL",
                                                           "amqp://guest:guest@127.0.0.1:5672//"))
     p.add_argument("--out", type=Path, default=REPO / "bench-out", help="output folder (default bench-out/)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.workers == "one" and (args.cpu_concurrency or args.gpu_concurrency or args.gpu_pool):
+        p.error("--cpu-concurrency, --gpu-concurrency and --gpu-pool set a worker per queue: "
+                "add --workers per-queue")
+    return args
 
 
 def _kv(items: list[str]) -> dict[str, Any]:

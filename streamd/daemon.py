@@ -259,16 +259,17 @@ class Daemon:
         return done
 
     def _handoff_sync(self, topic: str, msgs: list[InMessage], block: bool) -> int:
-        in_flight = self.store.in_flight(topic)
-        self._idle[topic] = in_flight == 0  # the runs handed off before have all ended: a light load
+        room = self.ingestor.room(topic)
+        # all of max_in_flight free: the runs handed off before have all ended (a light load)
+        self._idle[topic] = room >= self.topology.source(topic).max_in_flight
         if block:
-            msgs = msgs[:max(0, self.topology.source(topic).max_in_flight - in_flight)]
+            msgs = msgs[:max(0, room)]
         if msgs:
             self.ingestor.handle(msgs)
         return len(msgs)
 
-    async def _wait_room(self, topic: str) -> int:
-        """Wait until the topic has room for at least one more run in flight; return the room."""
+    async def _wait_room(self, topic: str) -> None:
+        """Wait until the topic has room for at least one more run in flight."""
         loop = asyncio.get_running_loop()
         delay = 0.002
         stale_after = self.settings.frame_ttl_s * 2
@@ -280,7 +281,7 @@ class Daemon:
                 log.error("cannot read in-flight count for %s: %s", topic, exc)
                 room = 0
             if room >= 1:
-                return room
+                return
             await asyncio.sleep(delay)
             waited += delay
             delay = min(delay * 2, ROOM_POLL_MAX_S)
