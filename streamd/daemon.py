@@ -9,8 +9,9 @@ payload is in Redis and its runs are on the broker (or it is dead-lettered);
 faust then commits the highest contiguous acked offset.
 
 Back-pressure: under ``overload: block`` the agent waits until the topic has
-room below ``max_in_flight``; faust's buffers fill and it stops fetching, so
-lag grows and nothing is dropped.
+room below ``max_in_flight`` (the hand-off thread polls the in-flight count,
+``ROOM_POLL_FIRST_S`` and then up to ``ROOM_POLL_MAX_S`` apart); faust's buffers fill and it stops
+fetching, so lag grows and nothing is dropped.
 
 Micro-batches: a batch is cut ``batch.max_wait_ms`` after its first event
 (at once, with what the queue holds, when nothing was in flight at the
@@ -28,10 +29,10 @@ Event loops: faust's loop and its consumer thread's run on uvloop where it is
 installed (``STREAMD_UVLOOP``): at a moderate load the daemon's CPU is mostly
 loop turns, thread wake-ups and socket reads, which uvloop makes cheaper.
 
-Fetching: faust hard-codes ``fetch_max_wait_ms=1500`` for its consumer; a
-broker that answers a parked fetch only at that deadline (tansu does) would
-hold every frame up to 1.5 s, so the daemon sets it from
-``STREAMD_KAFKA_FETCH_MAX_WAIT_MS``.
+Fetching: faust's consumer with its fetch wait set from
+``STREAMD_KAFKA_FETCH_MAX_WAIT_MS`` (faust hard-codes 1.5 s) and each fetch's
+messages delivered to the agents under one race against a rebalance instead of
+one per message (:mod:`streamd.faust_transport`).
 
 Shutdown: SIGTERM stops the agents (``stream_wait_empty`` is off: faust's
 ``wait_empty`` hangs forever on an event that is never acked) and a watchdog
@@ -60,6 +61,7 @@ from .config import Settings, redact
 from .dag import plan
 from .deadletters import DeadLetterSink
 from .exceptions import ServiceUnavailable, StreamdError
+from .faust_transport import kafka_transport
 from .http import Health, serve
 from .ingest import Ingestor, InMessage
 from .kafka import Publisher, ensure_topics
@@ -75,9 +77,16 @@ log = logging.getLogger(__name__)
 MONITOR_INTERVAL_S = 5.0
 #: Seconds a broker backlog reading is reused by the batch windows of every source.
 BACKLOG_CHECK_S = 0.05
-#: Longest pause between two reads of the in-flight count while a ``block`` source is at its bound: the
-#: workers are draining what is in flight, and each pause is time they may run dry (a read is one ZCARD).
+#: Pauses between two reads of the in-flight count while a ``block`` source is at its bound: the first, and
+#: the longest (they double in between). At the bound the broker holds a few batches' work for the workers,
+#: so a pause does not leave them dry; and each read (a ZCARD from the hand-off thread, which contends for
+#: the GIL with the event loop's thread) costs the daemon several times its own CPU (docs/performance.md).
+ROOM_POLL_FIRST_S = 0.008
 ROOM_POLL_MAX_S = 0.02
+#: Longest one wait for room in the hand-off thread; then the event loop gets the thread back and asks again.
+ROOM_WAIT_S = 0.5
+#: Seconds without room after which in-flight entries older than twice the frame TTL are pruned.
+STALE_CHECK_S = 5.0
 _INFRA_ERRORS = (StreamdError, redis.RedisError, KombuError, OSError, ConnectionError)
 
 
@@ -107,6 +116,7 @@ class Daemon:
         self._stop = threading.Event()
         self._backlog_seen, self._backlog_at = 0, float("-inf")
         self._idle: dict[str, bool] = {}  # per source topic: nothing was in flight at its last hand-off
+        self._room_waited: dict[str, float] = {}  # per source topic: seconds waited for room without getting any
         self.app = self._build_app()
 
     # -- start-up ------------------------------------------------------------------
@@ -153,7 +163,7 @@ class Daemon:
             store="memory://",
             **kwargs,
         )
-        app.transport = _kafka_transport(app, s.kafka_fetch_max_wait_ms)
+        app.transport = kafka_transport(app, s.kafka_fetch_max_wait_ms)
         for spec in self.topology.sources:
             topic = app.topic(spec.topic, key_type=bytes, value_type=bytes, key_serializer="raw",
                               value_serializer="raw", partitions=spec.partitions)
@@ -235,12 +245,10 @@ class Daemon:
         while events:  # under block: hand off as many as there is room for, in order, then wait for more
             done = await self._handoff_now(topic, events, block)
             events = events[done:]
-            if events:
-                await self._wait_room(topic)
 
     async def _handoff_now(self, topic: str, events: list[Any], block: bool) -> int:
-        """Hand off the events (under block: as many as there is room for), in one trip to the hand-off
-        thread; ack them; return how many."""
+        """Hand off the events (under block: as many as there is room for, once there is some, waiting at
+        most ROOM_WAIT_S), in one trip to the hand-off thread; ack them; return how many."""
         loop = asyncio.get_running_loop()
         msgs = [InMessage(e.message.topic, e.message.partition, e.message.offset, e.key, e.value) for e in events]
         delay = 0.2
@@ -259,35 +267,40 @@ class Daemon:
         return done
 
     def _handoff_sync(self, topic: str, msgs: list[InMessage], block: bool) -> int:
+        spec = self.topology.source(topic)
         room = self.ingestor.room(topic)
         # all of max_in_flight free: the runs handed off before have all ended (a light load)
-        self._idle[topic] = room >= self.topology.source(topic).max_in_flight
+        self._idle[topic] = room >= spec.max_in_flight
         if block:
+            if room < 1:
+                room = self._wait_room(topic)
             msgs = msgs[:max(0, room)]
         if msgs:
             self.ingestor.handle(msgs)
         return len(msgs)
 
-    async def _wait_room(self, topic: str) -> None:
-        """Wait until the topic has room for at least one more run in flight."""
-        loop = asyncio.get_running_loop()
-        delay = 0.002
-        stale_after = self.settings.frame_ttl_s * 2
-        waited = 0.0
+    def _wait_room(self, topic: str) -> int:
+        """In the hand-off thread: poll the in-flight count until the topic has room for one more run, for
+        at most ROOM_WAIT_S (then the loop asks again: a stopping daemon is not held up); return the room.
+
+        Polling here, not from the event loop, costs one ZCARD per look instead of a thread trip as well.
+        """
+        delay, waited = ROOM_POLL_FIRST_S, 0.0
         while True:
-            try:
-                room = await loop.run_in_executor(self.pool, self.ingestor.room, topic)
-            except _INFRA_ERRORS as exc:
-                log.error("cannot read in-flight count for %s: %s", topic, exc)
-                room = 0
-            if room >= 1:
-                return
-            await asyncio.sleep(delay)
+            time.sleep(delay)
             waited += delay
+            room = self.ingestor.room(topic)
+            if room >= 1 or waited >= ROOM_WAIT_S or self._stop.is_set():
+                break
             delay = min(delay * 2, ROOM_POLL_MAX_S)
-            if waited > 5.0:  # entries of runs whose payload expired long ago cannot block forever
-                await loop.run_in_executor(self.pool, self.store.prune, topic, stale_after)
-                waited = 0.0
+        self._room_waited[topic] = self._room_waited.get(topic, 0.0) + waited
+        if room < 1 and self._room_waited[topic] > STALE_CHECK_S:
+            # entries of runs whose payload expired long ago (a worker lost them) cannot block forever
+            self.store.prune(topic, self.settings.frame_ttl_s * 2)
+            self._room_waited[topic] = 0.0
+        elif room >= 1:
+            self._room_waited[topic] = 0.0
+        return room
 
     # -- monitoring ----------------------------------------------------------------
     async def _monitor(self) -> None:
@@ -323,7 +336,7 @@ class Daemon:
         serve(self.settings.metrics_port, self.metrics.registry, self.health)
         threading.Thread(target=self._first_check, daemon=True).start()
         worker = _Worker(self.app, loglevel=self.settings.log_level, drain_timeout_s=self.settings.drain_timeout_s,
-                         quiet=True, redirect_stdouts=False, override_logging=False)
+                         stop_waiting=self._stop.set, quiet=True, redirect_stdouts=False, override_logging=False)
         log.info("streamd daemon for %s: group %s, sources %s", self.topology.name, self.group_id,
                  ", ".join(s.topic for s in self.topology.sources))
         worker.execute_from_commandline()
@@ -339,15 +352,18 @@ class Daemon:
 class _Worker(faust.Worker):
     """faust's worker with a bounded drain: SIGTERM starts a watchdog that ends the process."""
 
-    def __init__(self, *args: Any, drain_timeout_s: float, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, drain_timeout_s: float, stop_waiting: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.drain_timeout_s = drain_timeout_s
+        self.stop_waiting = stop_waiting  # tells the hand-off thread to stop waiting for room
 
     def _on_sigterm(self) -> None:
+        self.stop_waiting()
         start_drain_watchdog(self.drain_timeout_s, what="daemon")
         super()._on_sigterm()
 
     def _on_sigint(self) -> None:
+        self.stop_waiting()
         start_drain_watchdog(self.drain_timeout_s, what="daemon")
         super()._on_sigint()
 
@@ -388,26 +404,6 @@ def consumer_lag(settings: Settings, group_id: str, topology: Topology) -> dict[
         return lag
     finally:
         c.close()
-
-
-def _kafka_transport(app: faust.App, fetch_max_wait_ms: int) -> Any:
-    """faust's aiokafka transport with ``fetch_max_wait_ms`` set (faust hard-codes 1500 ms)."""
-    from faust.transport.drivers import aiokafka as driver
-
-    class ConsumerThread(driver.AIOKafkaConsumerThread):
-        def _create_worker_consumer(self, transport: Any) -> Any:
-            consumer = super()._create_worker_consumer(transport)
-            consumer._fetch_max_wait_ms = fetch_max_wait_ms  # read by AIOKafkaConsumer.start() for its fetcher
-            return consumer
-
-    class KafkaConsumer(driver.Consumer):
-        def _new_consumer_thread(self) -> Any:
-            return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
-
-    class Transport(driver.Transport):
-        Consumer = KafkaConsumer
-
-    return Transport(app.conf.broker_consumer, app)
 
 
 def _faust_credentials(security: dict[str, str]) -> Any:

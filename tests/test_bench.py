@@ -20,7 +20,7 @@ def test_bench_runs_both_systems_and_prints_the_figures(tmp_path: Path, kafka_bo
                                                         broker_url: str) -> None:
     out = tmp_path / "bench"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench.py"), "--frames", "200", "--warmup", "40",
+        [sys.executable, str(REPO / "benchmarks" / "bench.py"), "--frames", "200", "--warmup", "40", "--drains", "2",
          "--load-seconds", "2", "--search-seconds", "2", "--search-steps", "2", "--kafka", kafka_bootstrap,
          "--redis-url", redis_url, "--broker-url", broker_url, "--out", str(out)],
         capture_output=True, text=True, timeout=540, cwd=REPO,
@@ -33,6 +33,8 @@ def test_bench_runs_both_systems_and_prints_the_figures(tmp_path: Path, kafka_bo
                          r"p50 ([\d.]+) ms, p95 ([\d.]+) ms, p99 ([\d.]+) ms", text, re.M)
         assert line, text
         assert float(line.group(1)) > 0
+        # each system drained twice, on two starts, and the report says so
+        assert re.search(rf"^{system}\s+throughput .*\(backlog drain, median of 2: \d+ \d+\)", text, re.M), text
     assert re.search(r"^ratio streamd/inline: throughput [\d.]+", text, re.M), text
     # by default streamd runs as a host without a GPU runs it: one worker for both queues
     assert "streamd workers: one worker: streamd worker --queues cpu,gpu" in text, text
