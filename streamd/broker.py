@@ -18,6 +18,7 @@ Settings that carry streamd's delivery guarantees (see docs/reliability.md):
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 from celery import Celery
@@ -80,7 +81,9 @@ class Dispatcher:
     call: twice the CPU of the publish itself (docs/performance.md), on a path
     taken once per stage per batch. A publish that fails on the connection is
     retried once on a fresh producer; a second failure is raised to the caller
-    (the daemon retries its hand-off, a worker's task is retried).
+    (the daemon retries its hand-off, a worker's task is retried). Thread-safe:
+    the daemon's hand-off threads (one per source topic) share the producer
+    under a lock.
     """
 
     def __init__(self, app: Celery, topology: Topology) -> None:
@@ -89,6 +92,8 @@ class Dispatcher:
         self.exchange = f"streamd.{topology.name}"
         self._producer: Any = None
         self._pid = -1
+        # The daemon hands off from a thread per source topic; they share the held producer (one AMQP channel).
+        self._lock = threading.RLock()
         conn = app.connection_for_write()  # not connected: only asked which errors mean "connection lost"
         self._lost: tuple[type[BaseException], ...] = tuple(conn.connection_errors)
         conn.release()
@@ -101,17 +106,18 @@ class Dispatcher:
             argsrepr=f"[{self.topology.name!r}, {stage.id!r}, <batch {batch.batch_id} of {len(batch.runs)}>]",
             kwargsrepr="{}",
         )
-        for attempt in (1, 2):
-            producer = self._held()
-            try:
-                producer.publish(message.body, exchange=self.exchange, routing_key=q, headers=message.headers,
-                                 serializer="json", delivery_mode=PERSISTENT, declare=None, retry=False,
-                                 **message.properties)
-                return
-            except self._lost:
-                self.close()
-                if attempt == 2:
-                    raise
+        with self._lock:
+            for attempt in (1, 2):
+                producer = self._held()
+                try:
+                    producer.publish(message.body, exchange=self.exchange, routing_key=q, headers=message.headers,
+                                     serializer="json", delivery_mode=PERSISTENT, declare=None, retry=False,
+                                     **message.properties)
+                    return
+                except self._lost:
+                    self.close()
+                    if attempt == 2:
+                        raise
 
     def _held(self) -> Any:
         if self._producer is None or self._pid != os.getpid():  # never use a producer made before a fork
@@ -124,16 +130,18 @@ class Dispatcher:
 
         On the held producer's channel; any error counts as no backlog (the
         caller only uses it to decide how long to gather a batch)."""
-        try:
-            channel = self._held().channel
-            return sum(self._ready(channel, q) for q in self.topology.queues())
-        except Exception:
-            self.close()
-            return 0
+        with self._lock:
+            try:
+                channel = self._held().channel
+                return sum(self._ready(channel, q) for q in self.topology.queues())
+            except Exception:
+                self.close()
+                return 0
 
     def close(self) -> None:
         """Give the held producer back (its connection is dropped: it may be the broken one)."""
-        producer, self._producer = self._producer, None
+        with self._lock:
+            producer, self._producer = self._producer, None
         if producer is not None and self._pid == os.getpid():
             try:
                 producer.connection.collect()

@@ -9,9 +9,11 @@ payload is in Redis and its runs are on the broker (or it is dead-lettered);
 faust then commits the highest contiguous acked offset.
 
 Back-pressure: under ``overload: block`` the agent waits until the topic has
-room below ``max_in_flight`` (the hand-off thread polls the in-flight count,
-``ROOM_POLL_FIRST_S`` and then up to ``ROOM_POLL_MAX_S`` apart); faust's buffers fill and it stops
-fetching, so lag grows and nothing is dropped.
+room below ``max_in_flight`` (the topic's hand-off thread polls the in-flight
+count, ``ROOM_POLL_FIRST_S`` and then up to ``ROOM_POLL_MAX_S`` apart; each
+source topic has its own hand-off thread, so one at its bound does not hold up
+the others); faust's buffers fill and it stops fetching, so lag grows and
+nothing is dropped.
 
 Micro-batches: a batch is cut ``batch.max_wait_ms`` after its first event
 (at once, with what the queue holds, when nothing was in flight at the
@@ -23,7 +25,8 @@ light load keeps its latency (a free worker takes the batch at once); a load
 that queues work gets bigger batches (one task per stage per batch), so the
 per-task cost falls as the load rises instead of small batches piling up.
 The broker is asked at most every ``BACKLOG_CHECK_S``; under ``block`` the
-room check and the hand-off are one trip to the hand-off thread.
+room check, the wait for room and the hand-off are one trip to the hand-off
+thread.
 
 Event loops: faust's loop and its consumer thread's run on uvloop where it is
 installed (``STREAMD_UVLOOP``): at a moderate load the daemon's CPU is mostly
@@ -110,8 +113,11 @@ class Daemon:
                                         self.metrics),
             metrics=self.metrics,
         )
-        # One thread does the blocking hand-off I/O, so the event loop keeps heartbeating.
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="handoff")
+        # A thread per source topic does its blocking hand-off I/O (and its waits for room), so the event loop
+        # keeps turning and a source at its max_in_flight bound does not hold up the others' hand-offs.
+        self.pools = {spec.topic: concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                                        thread_name_prefix=f"handoff-{i}")
+                      for i, spec in enumerate(topology.sources)}
         self.group_id = settings.group_id or topology.group_id
         self._stop = threading.Event()
         self._backlog_seen, self._backlog_at = 0, float("-inf")
@@ -221,7 +227,7 @@ class Daemon:
                 if now >= deadline:
                     # The window is over: cut the batch, unless stage tasks are waiting for a worker (it would
                     # only queue behind them); then gather one more window, at most until busy_wait_ms.
-                    if now >= last or not await self._backlog():
+                    if now >= last or not await self._backlog(topic):
                         break
                     deadline = min(loop.time() + max(wait_s, 0.002), last)
                     continue
@@ -231,12 +237,12 @@ class Daemon:
                     pass
             await self._handoff(topic, events)
 
-    async def _backlog(self) -> int:
+    async def _backlog(self, topic: str) -> int:
         """Stage tasks waiting in the broker; asked at most every BACKLOG_CHECK_S (two passive queue
         declares each time), since a backlog comes and goes over many batch windows."""
         loop = asyncio.get_running_loop()
         if loop.time() - self._backlog_at >= BACKLOG_CHECK_S:
-            self._backlog_seen = await loop.run_in_executor(self.pool, self.dispatcher.backlog)
+            self._backlog_seen = await loop.run_in_executor(self.pools[topic], self.dispatcher.backlog)
             self._backlog_at = loop.time()
         return self._backlog_seen
 
@@ -254,7 +260,7 @@ class Daemon:
         delay = 0.2
         while True:
             try:
-                done = await loop.run_in_executor(self.pool, self._handoff_sync, topic, msgs, block)
+                done = await loop.run_in_executor(self.pools[topic], self._handoff_sync, topic, msgs, block)
                 break
             except _INFRA_ERRORS as exc:
                 log.error("hand-off of %d message(s) from %s failed, retrying in %.1f s: %s", len(msgs), topic,
@@ -280,7 +286,7 @@ class Daemon:
         return len(msgs)
 
     def _wait_room(self, topic: str) -> int:
-        """In the hand-off thread: poll the in-flight count until the topic has room for one more run, for
+        """In the topic's hand-off thread: poll the in-flight count until the topic has room for one more run, for
         at most ROOM_WAIT_S (then the loop asks again: a stopping daemon is not held up); return the room.
 
         Polling here, not from the event loop, costs one ZCARD per look instead of a thread trip as well.

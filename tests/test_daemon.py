@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import builtins
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -141,6 +143,75 @@ def test_malformed_input_is_dead_lettered_and_neighbours_processed(pipeline: Pip
              timeout=120, what="the good frames around the bad ones")
 
 
+def test_a_source_at_its_bound_does_not_hold_up_another(tmp_path: Path, procs: Procs, kafka_bootstrap: str,
+                                                        redis_url: str) -> None:
+    """Each source topic has its own hand-off thread: one waiting for room (here held at its max_in_flight
+    by a run that never ends) does not delay the frames of another."""
+    import redis
+
+    from streamd.keys import Keys
+    from streamd.runs import member
+
+    from .support import topics_of
+
+    def two_sources(data: dict) -> None:
+        first = data["sources"][0]
+        data["sources"].append(dict(first, topic=first["topic"] + ".free"))
+        first["max_in_flight"] = 1
+
+    path, topo = make_topology(tmp_path, edit=two_sources)
+    held, free = topo["sources"][0]["topic"], topo["sources"][1]["topic"]
+    ensure_topics(Settings.from_env({"STREAMD_KAFKA_BOOTSTRAP": kafka_bootstrap}), topics_of(topo))
+    stuck = SimpleNamespace(run_id="stuck", origin=SimpleNamespace(partition=0, offset=0), source="cam-stuck")
+    client = redis.Redis.from_url(redis_url)
+    client.zadd(Keys(topo["name"]).inflight(held), {member(stuck): time.time()})  # type: ignore[arg-type]
+    procs.start("worker", "worker", str(path), "--queues", "cpu,gpu")
+    procs.start("daemon", "run", str(path))
+    frames = list(camera_frames(20, cameras=2, defect_every=50))
+    produce(kafka_bootstrap, held, [(src.encode(), frame_message(src, seq, img)) for src, seq, img, _ in frames[:4]])
+    sent = produce(kafka_bootstrap, free, [(src.encode(), frame_message(src, seq, img))
+                                           for src, seq, img, _ in frames[4:]])
+    results = TopicReader(kafka_bootstrap, topo["sinks"]["results"]["topic"], topo["sinks"]["results"]["partitions"])
+    try:
+        got = results.until(lambda ms: len([m for m in ms if m["origin"]["topic"] == free]) >= len(sent),
+                            timeout=120, what=f"the {len(sent)} results of the free source")
+        assert not [m for m in got if m["origin"]["topic"] == held]  # the held source waits for room
+    except AssertionError:
+        print(procs.logs())
+        raise
+    finally:
+        results.close()
+        client.delete(Keys(topo["name"]).inflight(held))
+
+
+def test_each_source_topic_hands_off_on_its_own_thread(tmp_path: Path, redis_url: str, broker_url: str) -> None:
+    """A source waiting for room occupies its own hand-off thread, never another source's."""
+    import threading
+
+    from prometheus_client import CollectorRegistry
+
+    from streamd.daemon import Daemon
+    from streamd.metrics import Metrics
+    from streamd.topology import load
+
+    def two_sources(data: dict) -> None:
+        data["sources"].append(dict(data["sources"][0], topic=data["sources"][0]["topic"] + ".b"))
+
+    path, topo = make_topology(tmp_path, edit=two_sources)
+    settings = Settings.from_env({"STREAMD_KAFKA_BOOTSTRAP": "127.0.0.1:9", "STREAMD_REDIS_URL": redis_url,
+                                  "STREAMD_BROKER_URL": broker_url})
+    daemon = Daemon(load(path, settings=settings), settings, Metrics(CollectorRegistry()))
+    first, second = (s["topic"] for s in topo["sources"])
+    gate = threading.Event()
+    try:
+        daemon.pools[first].submit(gate.wait, 30)  # as a hand-off waiting for room would
+        assert daemon.pools[second].submit(lambda: "handed off").result(timeout=10) == "handed off"
+    finally:
+        gate.set()
+        daemon.dispatcher.close()
+        daemon.publisher.close()
+
+
 def test_assignment_is_gauged_per_source_topic(tmp_path: Path, redis_url: str, broker_url: str) -> None:
     from faust.types import TP
     from prometheus_client import CollectorRegistry
@@ -215,7 +286,7 @@ def _batches(idle: bool) -> list[list[str]]:
     async def handoff(topic: str, events: list[str]) -> None:
         handed.append(events)
 
-    async def backlog() -> int:
+    async def backlog(topic: str) -> int:
         return 0
 
     daemon._handoff = handoff  # type: ignore[method-assign]

@@ -124,13 +124,16 @@ def test_the_daemons_faust_consumer_has_what_batched_delivery_relies_on(tmp_path
                                                                         broker_url: str) -> None:
     """A faust-streaming upgrade that renames what batched delivery uses fails here, not in production
     (where the consumer would fall back to faust's own loop with a warning)."""
+    from prometheus_client import CollectorRegistry
+
     from streamd.daemon import Daemon
+    from streamd.metrics import Metrics
     from streamd.topology import load
 
     path, _ = make_topology(tmp_path)
     settings = Settings.from_env({"STREAMD_KAFKA_BOOTSTRAP": "127.0.0.1:9", "STREAMD_REDIS_URL": redis_url,
                                   "STREAMD_BROKER_URL": broker_url})
-    daemon = Daemon(load(path, settings=settings), settings)
+    daemon = Daemon(load(path, settings=settings), settings, Metrics(CollectorRegistry()))
     try:
         consumer = daemon.app.consumer
         assert type(consumer).__name__ == "KafkaConsumer"
