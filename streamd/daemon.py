@@ -251,6 +251,8 @@ class Daemon:
         while events:  # under block: hand off as many as there is room for, in order, then wait for more
             done = await self._handoff_now(topic, events, block)
             events = events[done:]
+            if events and self._stop.is_set():
+                return  # stopping: what was not handed off is not acked, so not committed (the next daemon reads it)
 
     async def _handoff_now(self, topic: str, events: list[Any], block: bool) -> int:
         """Hand off the events (under block: as many as there is room for, once there is some, waiting at

@@ -106,7 +106,10 @@ def kafka_transport(app: faust.App, fetch_max_wait_ms: int) -> Any:
                 race = await self.wait_first(delivery, self.suspend_flow.wait())
                 if race.stopped or delivery not in race.done or self.suspend_flow.is_set():
                     return  # a rebalance stopped the flow, or the consumer is stopping: see the module
-                done = race.results[race.done.index(delivery)]
+                handed = race.results[race.done.index(delivery)]
+                if handed <= done:
+                    return  # the flow stopped before the first of them
+                done = handed
 
     class Transport(driver.Transport):
         Consumer = KafkaConsumer
@@ -122,8 +125,8 @@ async def deliver(consumer: Any, batch: list[tuple[Any, Any]], start: int) -> in
     acks_enabled_for = consumer.app.topics.acks_enabled_for
     every = consumer._commit_every
     for i in range(start, len(batch)):
-        if not consumer.flow_active or (every is not None and consumer._n_acked >= every):
-            return i
+        if not consumer.flow_active or (i > start and every is not None and consumer._n_acked >= every):
+            return i  # at least one message per call, so that a commit after every message still moves on
         if (i - start) % YIELD_EVERY == YIELD_EVERY - 1:
             await asyncio.sleep(0)  # let the loop turn on a long fetch
         tp, message = batch[i]

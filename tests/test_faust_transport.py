@@ -98,6 +98,12 @@ def test_delivery_stops_where_a_commit_is_due_and_resumes_after_it():
     assert c.delivered == [0, 1, 2, 3, 4]
 
 
+def test_a_commit_after_every_message_still_moves_on():
+    c = Consumer(commit_every=0)
+    assert run(c, batch((P0, 0), (P0, 1))) == 1
+    assert run(c, batch((P0, 0), (P0, 1)), 1) == 2
+
+
 def test_a_long_fetch_lets_the_event_loop_turn():
     turns = 0
 
