@@ -985,10 +985,7 @@ def measure_at(kind: str, args: argparse.Namespace, services: Services, frames: 
         for rate in rates:
             meter = CpuMeter(r.groups)
             meter.start()
-            prof = None
-            if args.profile and isinstance(r.system, Streamd):
-                prof = Profiler(out / f"at-{rate:g}", {n: p.pid for n, p in r.system.procs.items()},
-                                idle=args.profile_idle, gil=args.profile_gil, rate=args.profile_rate)
+            prof = start_profiler(r, out / f"at-{rate:g}", args)
             point = measure_latency(kind, r.prod, r.col, frames, rate, args.load_seconds, None, r.check)
             per = per_frame(meter.stop(), point.received)
             lines.append(f"{kind:8s} at {rate:.1f} frames/s offered: {fmt_point(point)}; CPU {own_cpu(per):.2f} ms "
@@ -1020,13 +1017,17 @@ class SystemRun:
     profile: dict[str, Any] = field(default_factory=dict)
     drains: list[Throughput] = field(default_factory=list)  # more backlog drains, each on a fresh start
 
+    def all_drains(self) -> list[Throughput]:
+        """The first drain (on the start the search ran on) and ``drains``, in the order they ran."""
+        return [self.throughput, *self.drains]
+
     def drain(self) -> Throughput:
-        """The median backlog drain (by frames/s) of this system's drains: the first one and ``drains``."""
-        ordered = sorted([self.throughput, *self.drains], key=lambda t: t.fps)
+        """The median backlog drain (by frames/s) of this system's drains."""
+        ordered = sorted(self.all_drains(), key=lambda t: t.fps)
         return ordered[(len(ordered) - 1) // 2]
 
     def drain_rates(self) -> str:
-        rates = [self.throughput, *self.drains]
+        rates = self.all_drains()
         return "" if len(rates) < 2 else f", median of {len(rates)}: " + " ".join(f"{t.fps:.0f}" for t in rates)
 
 
@@ -1118,20 +1119,15 @@ def run_system(kind: str, args: argparse.Namespace, services: Services, frames: 
 
         def start_profile() -> None:
             nonlocal prof
-            if profile and isinstance(r.system, Streamd):
-                prof = Profiler(out, {n: p.pid for n, p in r.system.procs.items()}, idle=args.profile_idle,
-                                gil=args.profile_gil, rate=args.profile_rate)
+            if profile:
+                prof = start_profiler(r, out, args)
 
         def stop_profile() -> None:
             nonlocal prof_files
             if prof is not None:
                 prof_files = prof.stop()
 
-        log(f"{label}: burst of {args.frames} frames")
-        tput = measure_throughput(r.prod, r.col, frames, args.frames, CpuMeter(r.groups), args.max_drain_s,
-                                  r.check, on_start=start_profile, on_end=stop_profile)
-        log(f"{label}: {tput.fps:.1f} frames/s over {tput.window_s:.1f} s ({tput.frames} results"
-            f"{'' if tput.complete else ', drain cut at --max-drain-s'})")
+        tput = drain(r, args, frames, on_start=start_profile, on_end=stop_profile)
         run = SystemRun(label, r.topo.name, tput)
         run.profile = {name: summarize_profile(f) | {"file": str(f)} for name, f in prof_files.items()}
         if not tput.complete:  # let the rest of the backlog pass before offering a load
@@ -1171,12 +1167,28 @@ def drain_once(kind: str, args: argparse.Namespace, services: Services, frames: 
     """One more backlog drain of a system, on a fresh start (see ``--drains``)."""
     r = start_system(kind, args, services, frames, out, edits=edits, extra_env=extra_env, label=label)
     try:
-        log(f"{label}: burst of {args.frames} frames")
-        tput = measure_throughput(r.prod, r.col, frames, args.frames, CpuMeter(r.groups), args.max_drain_s, r.check)
-        log(f"{label}: {tput.fps:.1f} frames/s over {tput.window_s:.1f} s ({tput.frames} results)")
-        return tput
+        return drain(r, args, frames)
     finally:
         r.stop(services)
+
+
+def drain(r: Running, args: argparse.Namespace, frames: Frames, *, on_start: Callable[[], None] | None = None,
+          on_end: Callable[[], None] | None = None) -> Throughput:
+    """A burst of ``--frames`` frames through a started system, and how fast it drained."""
+    log(f"{r.label}: burst of {args.frames} frames")
+    tput = measure_throughput(r.prod, r.col, frames, args.frames, CpuMeter(r.groups), args.max_drain_s, r.check,
+                              on_start=on_start, on_end=on_end)
+    log(f"{r.label}: {tput.fps:.1f} frames/s over {tput.window_s:.1f} s ({tput.frames} results"
+        f"{'' if tput.complete else ', drain cut at --max-drain-s'})")
+    return tput
+
+
+def start_profiler(r: Running, out: Path, args: argparse.Namespace) -> Profiler | None:
+    """py-spy on the streamd processes of a started system (the inline baseline is not profiled)."""
+    if not (args.profile and isinstance(r.system, Streamd)):
+        return None
+    return Profiler(out, {n: p.pid for n, p in r.system.procs.items()}, idle=args.profile_idle, gil=args.profile_gil,
+                    rate=args.profile_rate)
 
 
 def _collect(run: SystemRun, col: Collector) -> None:
@@ -1368,6 +1380,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                           "amqp://guest:guest@127.0.0.1:5672//"))
     p.add_argument("--out", type=Path, default=REPO / "bench-out", help="output folder (default bench-out/)")
     args = p.parse_args(argv)
+    if args.drains < 1:
+        p.error("--drains must be at least 1")
     if args.workers == "one" and (args.cpu_concurrency or args.gpu_concurrency or args.gpu_pool):
         p.error("--cpu-concurrency, --gpu-concurrency and --gpu-pool set a worker per queue: "
                 "add --workers per-queue")
