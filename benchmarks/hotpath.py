@@ -49,7 +49,7 @@ def timed(table: Timings, name: str, fn: Callable[..., Any]) -> Callable[..., An
 def run(args: argparse.Namespace) -> int:
     from streamd.broker import Dispatcher, make_celery
     from streamd.config import Settings
-    from streamd.dag import plan
+    from streamd.dag import in_process, plan
     from streamd.deadletters import DeadLetterSink
     from streamd.executor import StageExecutor
     from streamd.ingest import Ingestor, InMessage
@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
         dlq = DeadLetterSink(t.name, t.sinks["dead_letter"].topic, publisher)
         ingestor = Ingestor(topology=t, plan=p, store=store, dispatch=timed_dispatch, dead_letters=dlq)
         executor = StageExecutor(topology=t.name, plan=p, nodes=nodes, store=store, dead_letters=dlq,
-                                 dispatch=timed_dispatch, shedding_topics=t.shedding_topics())
+                                 dispatch=timed_dispatch, shedding_topics=t.shedding_topics(),
+                                 in_process=in_process(p, t, args.queues.split(",")))
         executor.setup()
         from streamd.runs import Batch
 
@@ -136,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         n = n_batches * args.batch
         lines = [bench.machine_line(bench.machine()),
                  f"hot path of {args.topology.name}: {n} frames in batches of {args.batch} "
-                 f"({', '.join(f'{k}={v}' for k, v in edits.items())}); stages: "
+                 f"({', '.join(f'{k}={v}' for k, v in edits.items())}; a worker on {args.queues}); stages: "
                  + "; ".join(f"{s.id}[{s.queue}]={'+'.join(s.nodes)}" for s in p.stages.values()),
                  f"total: CPU {total_cpu / n * 1e6:.0f} us/frame, wall {total_wall / n * 1e6:.0f} us/frame "
                  f"(one process, everything in series)",
@@ -166,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=960)
     p.add_argument("--batch", type=int, default=16, help="batch.max_size (default 16)")
     p.add_argument("--onnx-threads", type=int, default=1)
+    p.add_argument("--queues", default="cpu,gpu",
+                   help="the queues one worker serves, as `streamd worker --queues` (default cpu,gpu: a child stage "
+                        "on them runs in the same task); `cpu` or `gpu` dispatches every stage, as a worker per queue")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                    help="topology edit (repeatable), e.g. fusion=false or nodes.ae_score.queue=gpu")
     p.add_argument("--topology", type=Path, default=bench.DEFAULT_TOPOLOGY)

@@ -24,6 +24,7 @@ from typing import Any
 
 import redis
 
+from . import redis_scripts
 from .keys import Keys
 from .nodes.base import Origin, RunContext
 from .values import unpack_value
@@ -80,23 +81,22 @@ class RunStore:
         self.r = client
         self.keys = Keys(topology)
         self.ttl_ms = int(ttl_s * 1000)
+        self._admit = client.register_script(redis_scripts.ADMIT)
+        self._finish = client.register_script(redis_scripts.FINISH)
 
     # -- ingest side ---------------------------------------------------------------
     def admit(self, items: Sequence[tuple[RunContext, bytes]]) -> None:
-        """Store payloads (claim check) and mark the runs in flight, in one round trip."""
+        """Store payloads (claim check) and mark the runs in flight: one command (:data:`redis_scripts.ADMIT`)."""
         if not items:
             return
         now = time.time()
-        pipe = self.r.pipeline(transaction=False)
-        inflight: dict[str, dict[str | bytes, bytes | float | int | str]] = {}
+        keys: list[str] = [self.keys.bytes()]
+        args: list[bytes | str | int] = [self.ttl_ms]
         for i, (run, raw) in enumerate(items):
-            pipe.set(self.keys.frame(run.run_id), raw, px=self.ttl_ms)
+            keys += (self.keys.frame(run.run_id), self.keys.inflight(run.origin.topic))
             # a microsecond apart, so "oldest" keeps the arrival order within a batch
-            inflight.setdefault(run.origin.topic, {})[member(run)] = now + i * 1e-6
-        for topic, members in inflight.items():  # one ZADD per topic and one HSET, not one per run
-            pipe.zadd(self.keys.inflight(topic), members)
-        pipe.hset(self.keys.bytes(), mapping={run.run_id: len(raw) for run, raw in items})
-        pipe.execute()
+            args += (raw, member(run), repr(now + i * 1e-6), run.run_id)
+        self._admit(keys=keys, args=args)
 
     def in_flight(self, topic: str) -> int:
         return int(self.r.zcard(self.keys.inflight(topic)))
@@ -198,22 +198,17 @@ class RunStore:
 
         ``forget`` = (batch id, stage ids, exported Node ids) also drops that
         batch's join sets, stored outputs and sink set, in the same round trip
-        (the batch is done)."""
+        (the batch is done). One command (:data:`redis_scripts.FINISH`)."""
         if not runs and forget is None:
             return
-        pipe = self.r.pipeline(transaction=False)
-        by_topic: dict[str, list[str]] = {}
+        keys: list[str] = [self.keys.bytes()]
+        args: list[str | int] = [self.ttl_ms * 2]
         for run in runs:
-            by_topic.setdefault(run.origin.topic, []).append(member(run))
-            pipe.set(self.keys.ended(run.run_id), b"1", px=self.ttl_ms * 2)
-        for topic, members in by_topic.items():  # one ZREM per topic, one DEL and one HDEL: not three per run
-            pipe.zrem(self.keys.inflight(topic), *members)
-        if runs:
-            pipe.delete(*[self.keys.frame(r.run_id) for r in runs])
-            pipe.hdel(self.keys.bytes(), *[r.run_id for r in runs])
+            keys += (self.keys.ended(run.run_id), self.keys.frame(run.run_id), self.keys.inflight(run.origin.topic))
+            args += (member(run), run.run_id)
         if forget is not None:
-            pipe.delete(*self._batch_keys(*forget))
-        pipe.execute()
+            keys += self._batch_keys(*forget)
+        self._finish(keys=keys, args=args)
 
     def sinks_done(self, batch_id: str, sink_stage: str, n_sinks: int) -> bool:
         if n_sinks <= 1:

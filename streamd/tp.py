@@ -97,20 +97,26 @@ def _unpack(value: bytes | None) -> dict[str, Any]:
     return msg
 
 
+_CONTAINERS = (dict, list)
+
+
 def _non_string_key(value: Any) -> Any:
-    """The first map key (at any depth) that is not a string, or None."""
+    """The first map key (at any depth, depth first) that is not a string, or None. Only maps and lists are
+    visited: a frame's dozen fields cost a loop, not a call each (this runs for every message ingested)."""
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
                 return key
-            bad = _non_string_key(item)
-            if bad is not None:
-                return bad
+            if isinstance(item, _CONTAINERS):
+                bad = _non_string_key(item)
+                if bad is not None:
+                    return bad
     elif isinstance(value, list):
         for item in value:
-            bad = _non_string_key(item)
-            if bad is not None:
-                return bad
+            if isinstance(item, _CONTAINERS):
+                bad = _non_string_key(item)
+                if bad is not None:
+                    return bad
     return None
 
 

@@ -113,6 +113,48 @@ def test_in_flight_is_per_topic(store, topology):
     assert store.in_flight("nothing") == 0
 
 
+def test_admit_and_finish_across_topics(client, store, topology):
+    runs = [make_run(topology, i, topic=TOPIC if i % 2 else "other.topic") for i in range(6)]
+    store.admit([(r, b"p%d" % i) for i, r in enumerate(runs)])
+    assert (store.in_flight(TOPIC), store.in_flight("other.topic")) == (3, 3)
+    store.finish(runs[:4])
+    assert (store.in_flight(TOPIC), store.in_flight("other.topic")) == (1, 1)
+    assert store.settled([r.run_id for r in runs]) == {r.run_id for r in runs[:4]}
+    ttl = client.pttl(Keys(topology).ended(runs[0].run_id))
+    assert 115_000 < ttl <= 120_000  # the ended marker outlives the payload (2 x TTL)
+
+
+def test_admit_keeps_the_arrival_order(client, store, topology):
+    runs = [make_run(topology, i) for i in range(5)]
+    store.admit([(r, b"x") for r in runs])
+    assert [parse_member(TOPIC, m)[0] for m in client.zrange(Keys(topology).inflight(TOPIC), 0, -1)] == \
+        [r.run_id for r in runs]
+    assert [o.offset for _, o, _ in store.pop_oldest(TOPIC, 2)] == [0, 1]
+
+
+def test_a_batch_larger_than_one_script_call_takes(client, store, topology):
+    """ZADD/HSET/ZREM/DEL are sent in chunks inside the scripts: Lua limits one call's arguments."""
+    runs = [make_run(topology, i) for i in range(5000)]
+    store.admit([(r, b"x") for r in runs])
+    assert store.in_flight(TOPIC) == 5000
+    assert store.store_size() == (5000, 5000)
+    store.finish(runs)
+    assert store.in_flight(TOPIC) == 0
+    assert store.store_size() == (0, 0)
+    assert store.frames([runs[0].run_id, runs[-1].run_id]) == [None, None]
+
+
+def test_scripts_survive_a_script_cache_flush(client, store, topology):
+    """After a Redis restart (or SCRIPT FLUSH) the scripts are loaded again by themselves."""
+    run, other = make_run(topology, 1), make_run(topology, 2)
+    store.admit([(run, b"x")])
+    client.script_flush()
+    store.admit([(other, b"y")])
+    client.script_flush()
+    store.finish([run, other])
+    assert store.in_flight(TOPIC) == 0
+
+
 def test_topologies_do_not_share_keys(client, store, topology):
     other = RunStore(client, f"{topology}-other", TTL_S)
     try:
