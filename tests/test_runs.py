@@ -5,10 +5,12 @@ Needs Redis at STREAMD_TEST_REDIS_URL (default redis://127.0.0.1:6379/0); skippe
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -75,6 +77,25 @@ def test_batch_message_round_trip():
     assert fewer.batch_id == batch.batch_id
     assert [r.run_id for r in fewer.runs] == [runs[0].run_id, runs[2].run_id]
 
+
+
+def test_batch_message_is_compact_json():
+    """Topics once, a list per run: 32 frames fit under RabbitMQ's 4 KB queue-index threshold."""
+    runs = [make_run("surface-inspection", 100_000 + i, partition=i % 4, topic=TOPIC if i % 5 else "line2.frames")
+            for i in range(32)]
+    runs[3] = replace(runs[3], meta={"lot": "A-17"}, source=None, seq=None, ts=None)
+    batch = Batch.of(runs)
+    text = json.dumps(batch.message())
+    assert len(text) < 4096, len(text)
+    assert Batch.from_message(json.loads(text)) == batch
+    assert Batch.from_message(json.loads(json.dumps(Batch(batch.batch_id, ()).message()))).runs == ()
+
+
+def test_batch_message_of_an_older_daemon_is_read():
+    """A task queued before an upgrade carries a map per run; the worker still reads it."""
+    runs = [make_run("t", i) for i in range(2)]
+    older = {"batch_id": "b1", "runs": [r.as_dict() for r in runs]}
+    assert Batch.from_message(json.loads(json.dumps(older))) == Batch("b1", tuple(runs))
 
 # -- admit / frames / finish -----------------------------------------------------------------------
 
