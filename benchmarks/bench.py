@@ -94,12 +94,14 @@ COMPARE_VARIANTS = (
     Variant("fusion on, batch 1", {"fusion": True, "batch.max_size": 1}),
     Variant("fusion off, batch 1", {"fusion": False, "batch.max_size": 1}),
 )
-#: ``--experiments``: what this round's change (docs/performance.md) is worth: the worker layout, on the
-#: same machine, minutes apart. *As shipped* runs first and last, to show the drift between.
+#: ``--experiments``: what this round's change (docs/performance.md) is worth: the daemon's longer fetch wait
+#: while it drains a backlog, on the same machine, minutes apart. *As shipped* runs first and last, to show
+#: the drift between.
 EXPERIMENT_VARIANTS = (
-    Variant("as shipped: one worker for both queues (1 task per batch)", workers="one"),
-    Variant("a worker per queue (2 tasks per batch, the third round's layout)", workers="per-queue"),
-    Variant("as shipped, again", workers="one"),
+    Variant("as shipped: fetch wait 100 ms while backlogged"),
+    Variant("fetch wait 10 ms while backlogged too (the fifth round's fetching)",
+            env={"STREAMD_KAFKA_FETCH_MAX_WAIT_BACKLOG_MS": "10"}),
+    Variant("as shipped, again"),
 )
 
 

@@ -43,6 +43,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("STREAMD_KAFKA_SESSION_TIMEOUT_MS", "10000", "Kafka consumer session timeout"),
     Variable("STREAMD_KAFKA_FETCH_MAX_WAIT_MS", "10",
              "longest the broker may hold the daemon's fetch while no record is ready (faust's own: 1500)"),
+    Variable("STREAMD_KAFKA_FETCH_MAX_WAIT_BACKLOG_MS", "100",
+             "the same while every source is held at its max_in_flight bound (fewer, fuller fetches)"),
     Variable("STREAMD_KAFKA_SECURITY_PROTOCOL", "", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"),
     Variable("STREAMD_KAFKA_SASL_MECHANISM", "", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"),
     Variable("STREAMD_KAFKA_SASL_USERNAME", "", "SASL user name"),
@@ -122,6 +124,7 @@ class Settings:
     group_id: str = ""
     kafka_session_timeout_ms: int = 10000
     kafka_fetch_max_wait_ms: int = 10
+    kafka_fetch_max_wait_backlog_ms: int = 100
     kafka_security: dict[str, str] = field(default_factory=dict)
     onnx_providers: tuple[str, ...] = ()
     onnx_threads: int = 0
@@ -167,6 +170,7 @@ class Settings:
             group_id=_get(env, "STREAMD_GROUP_ID"),
             kafka_session_timeout_ms=_int(env, "STREAMD_KAFKA_SESSION_TIMEOUT_MS", minimum=1000),
             kafka_fetch_max_wait_ms=_int(env, "STREAMD_KAFKA_FETCH_MAX_WAIT_MS", minimum=1),
+            kafka_fetch_max_wait_backlog_ms=_int(env, "STREAMD_KAFKA_FETCH_MAX_WAIT_BACKLOG_MS", minimum=1),
             kafka_security=security,
             onnx_providers=providers,
             onnx_threads=_int(env, "STREAMD_ONNX_THREADS"),

@@ -33,9 +33,11 @@ installed (``STREAMD_UVLOOP``): at a moderate load the daemon's CPU is mostly
 loop turns, thread wake-ups and socket reads, which uvloop makes cheaper.
 
 Fetching: faust's consumer with its fetch wait set from
-``STREAMD_KAFKA_FETCH_MAX_WAIT_MS`` (faust hard-codes 1.5 s) and each fetch's
-messages delivered to the agents under one race against a rebalance instead of
-one per message (:mod:`streamd.faust_transport`).
+``STREAMD_KAFKA_FETCH_MAX_WAIT_MS`` (faust hard-codes 1.5 s), raised to
+``STREAMD_KAFKA_FETCH_MAX_WAIT_BACKLOG_MS`` while every source waits for room at
+its bound and lowered again when a source's stream runs dry (caught up), and each
+fetch's messages delivered to the agents under one race against a rebalance
+instead of one per message (:mod:`streamd.faust_transport`).
 
 Shutdown: SIGTERM stops the agents (``stream_wait_empty`` is off: faust's
 ``wait_empty`` hangs forever on an event that is never acked) and a watchdog
@@ -64,7 +66,7 @@ from .config import Settings, redact
 from .dag import plan
 from .deadletters import DeadLetterSink
 from .exceptions import ServiceUnavailable, StreamdError
-from .faust_transport import kafka_transport
+from .faust_transport import FetchWait, kafka_transport
 from .http import Health, serve
 from .ingest import Ingestor, InMessage
 from .kafka import Publisher, ensure_topics
@@ -123,6 +125,10 @@ class Daemon:
         self._backlog_seen, self._backlog_at = 0, float("-inf")
         self._idle: dict[str, bool] = {}  # per source topic: nothing was in flight at its last hand-off
         self._room_waited: dict[str, float] = {}  # per source topic: seconds waited for room without getting any
+        self.fetch_wait = FetchWait([spec.topic for spec in topology.sources], settings.kafka_fetch_max_wait_ms,
+                                    settings.kafka_fetch_max_wait_backlog_ms,
+                                    on_change=lambda ms: self.metrics.kafka_fetch_wait.set(ms / 1000.0))
+        self.metrics.kafka_fetch_wait.set(self.fetch_wait.current_ms / 1000.0)
         self.app = self._build_app()
 
     # -- start-up ------------------------------------------------------------------
@@ -169,7 +175,7 @@ class Daemon:
             store="memory://",
             **kwargs,
         )
-        app.transport = kafka_transport(app, s.kafka_fetch_max_wait_ms)
+        app.transport = kafka_transport(app, self.fetch_wait)
         for spec in self.topology.sources:
             topic = app.topic(spec.topic, key_type=bytes, value_type=bytes, key_serializer="raw",
                               value_serializer="raw", partitions=spec.partitions)
@@ -214,6 +220,8 @@ class Daemon:
                        busy_s: float) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            if queue.empty():
+                self.fetch_wait.backlogged(topic, False)  # the stream ran dry: the daemon has caught up
             events = [await queue.get()]
             start = loop.time()
             # Nothing was in flight at the last hand-off (a light load): a window would gather nothing more
@@ -293,6 +301,7 @@ class Daemon:
 
         Polling here, not from the event loop, costs one ZCARD per look instead of a thread trip as well.
         """
+        self.fetch_wait.backlogged(topic, True)  # more to read than may be handed off: fewer, fuller fetches
         delay, waited = ROOM_POLL_FIRST_S, 0.0
         while True:
             time.sleep(delay)

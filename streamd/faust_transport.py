@@ -1,4 +1,4 @@
-"""faust's Kafka transport (aiokafka driver) as the daemon uses it: two changes to faust's consumer.
+"""faust's Kafka transport (aiokafka driver) as the daemon uses it: three changes to faust's consumer.
 
 1. **Fetch wait.** faust hard-codes ``fetch_max_wait_ms=1500`` for its consumer; a broker that answers
    a parked fetch only at that deadline (tansu does) would hold every frame up to 1.5 s. The daemon
@@ -19,20 +19,33 @@
    commits (``broker_commit_every``) and a turn of the event loop every 100 messages are kept as
    faust has them.
 
+3. **A longer fetch wait while backlogged** (:class:`FetchWait`). Every fetch costs the daemon's
+   consumer thread (aiokafka's protocol code, in Python, and a wake-up that contends for the GIL with
+   the event loop and the hand-off) and the broker. While the daemon keeps up, a short wait is what
+   keeps a frame from waiting on a parked fetch; while every source is held at its ``max_in_flight``
+   bound, the daemon has more records than it may hand off and a short wait only buys more, smaller
+   fetches. The wait is then ``STREAMD_KAFKA_FETCH_MAX_WAIT_BACKLOG_MS``, back to the short one as
+   soon as a source's batching finds nothing queued (the daemon has caught up). Apache Kafka answers a fetch
+   as soon as records are there, so there this changes little; a broker that holds every fetch to its
+   deadline (tansu) answers ten times less often in a backlog (docs/performance.md, sixth round).
+
 faust-streaming's internals move between releases: :func:`batch_delivery_supported` checks that what
 the second change relies on is there, and the consumer falls back to faust's own loop (with a
-warning) where it is not.
+warning) where it is not; where aiokafka's fetcher does not have the attribute the third change sets,
+the wait stays the short one (with a warning).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import faust
 
-__all__ = ["kafka_transport", "batch_delivery_supported"]
+__all__ = ["kafka_transport", "batch_delivery_supported", "FetchWait"]
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +60,54 @@ def batch_delivery_supported(consumer: Any) -> bool:
     return all(hasattr(consumer, name) for name in _NEEDS)
 
 
-def kafka_transport(app: faust.App, fetch_max_wait_ms: int) -> Any:
-    """faust's aiokafka transport with ``fetch_max_wait_ms`` set and batched delivery (see the module)."""
+class FetchWait:
+    """How long the broker may hold the daemon's fetch: ``short_ms`` while the daemon keeps up,
+    ``backlog_ms`` while every source topic is backlogged (see the module). Thread-safe: the hand-off
+    threads and the event loop report; the consumer thread reads the value when it builds a fetch."""
+
+    def __init__(self, topics: Iterable[str], short_ms: int, backlog_ms: int,
+                 on_change: Callable[[int], None] | None = None) -> None:
+        self.short_ms, self.backlog_ms = short_ms, max(short_ms, backlog_ms)
+        self.current_ms = short_ms
+        self.consumer: Any = None  # the aiokafka consumer, once faust's consumer thread has made it
+        self.on_change = on_change
+        self._backlogged = dict.fromkeys(topics, False)
+        self._lock = threading.Lock()
+        self._warned = False
+
+    def backlogged(self, topic: str, yes: bool) -> None:
+        """``topic`` is (or is no longer) held at its bound with more to read."""
+        with self._lock:
+            if self._backlogged.get(topic) is yes:
+                return
+            self._backlogged[topic] = yes
+            want = self.backlog_ms if self._backlogged and all(self._backlogged.values()) else self.short_ms
+            if want != self.current_ms and self._apply(want):
+                self.current_ms = want
+                log.debug("fetch wait now %d ms (%s)", want, "backlogged" if want == self.backlog_ms else "keeping up")
+                if self.on_change is not None:
+                    self.on_change(want)
+
+    def _apply(self, ms: int) -> bool:
+        consumer = self.consumer
+        if consumer is None:
+            return True  # no consumer yet: it is made with current_ms
+        fetcher = getattr(consumer, "_fetcher", None)
+        if fetcher is not None and not hasattr(fetcher, "_fetch_max_wait_ms"):
+            if not self._warned:
+                log.warning("this aiokafka's fetcher has no _fetch_max_wait_ms: the fetch wait stays %d ms",
+                            self.current_ms)
+                self._warned = True
+            return False
+        consumer._fetch_max_wait_ms = ms  # what start() gives the fetcher it makes
+        if fetcher is not None:
+            fetcher._fetch_max_wait_ms = ms  # read each time the consumer thread builds a fetch request
+        return True
+
+
+def kafka_transport(app: faust.App, fetch_wait: FetchWait) -> Any:
+    """faust's aiokafka transport with its fetch wait from ``fetch_wait`` and batched delivery (see the
+    module)."""
     from faust.transport import consumer as base
     from faust.transport.drivers import aiokafka as driver
 
@@ -57,7 +116,8 @@ def kafka_transport(app: faust.App, fetch_max_wait_ms: int) -> Any:
     class ConsumerThread(driver.AIOKafkaConsumerThread):
         def _create_worker_consumer(self, transport: Any) -> Any:
             consumer = super()._create_worker_consumer(transport)
-            consumer._fetch_max_wait_ms = fetch_max_wait_ms  # read by AIOKafkaConsumer.start() for its fetcher
+            consumer._fetch_max_wait_ms = fetch_wait.current_ms  # read by AIOKafkaConsumer.start() for its fetcher
+            fetch_wait.consumer = consumer
             return consumer
 
     class KafkaConsumer(driver.Consumer):

@@ -42,6 +42,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="liveall",
         )
+        self.kafka_fetch_wait = Gauge(
+            "streamd_kafka_fetch_wait_seconds",
+            "Longest the broker may hold this ingest daemon's fetch now: the short wait while it keeps up, "
+            "the backlog wait while every source is at its max_in_flight bound",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
         self.queue_depth = Gauge(
             "streamd_queue_depth",
             "Messages waiting in a Celery broker queue",

@@ -275,12 +275,14 @@ def test_without_uvloop_the_policy_is_left_alone(policy, monkeypatch, caplog):
 # -- the batch window (no services needed) ---------------------------------------------------------
 
 
-def _batches(idle: bool) -> list[list[str]]:
+def _batches(idle: bool, fetch_wait: Any = None) -> list[list[str]]:
     """Two events 20 ms apart through the flusher with a 500 ms window; the hand-offs it makes."""
     from streamd.daemon import Daemon
+    from streamd.faust_transport import FetchWait
 
     daemon = Daemon.__new__(Daemon)  # only the flusher's own state: no services
     daemon._idle = {"in": idle}
+    daemon.fetch_wait = fetch_wait or FetchWait(["in"], short_ms=10, backlog_ms=100)
     handed: list[list[str]] = []
 
     async def handoff(topic: str, events: list[str]) -> None:
@@ -314,3 +316,15 @@ def test_a_batch_waits_its_window_while_runs_are_in_flight():
 
 def test_with_nothing_in_flight_a_batch_goes_without_waiting_its_window():
     assert _batches(idle=True) == [["a"], ["b"]]
+
+
+def test_the_fetch_wait_drops_back_once_the_stream_runs_dry():
+    """Backlogged (as the hand-off sets it at the bound), the daemon fetches with the long wait; when the
+    flusher finds nothing queued, it has caught up and the short wait is back."""
+    from streamd.faust_transport import FetchWait
+
+    wait = FetchWait(["in"], short_ms=10, backlog_ms=100)
+    wait.backlogged("in", True)
+    assert wait.current_ms == 100
+    _batches(idle=True, fetch_wait=wait)
+    assert wait.current_ms == 10

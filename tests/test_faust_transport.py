@@ -14,9 +14,10 @@ from typing import Any
 from faust.types import TP
 
 from streamd.config import Settings
-from streamd.faust_transport import YIELD_EVERY, batch_delivery_supported, deliver
+from streamd.faust_transport import YIELD_EVERY, FetchWait, batch_delivery_supported, deliver
+from streamd.kafka import ensure_topics
 
-from .support import make_topology
+from .support import make_topology, unique
 
 TOPIC = "cameras.in"
 P0, P1 = TP(TOPIC, 0), TP(TOPIC, 1)
@@ -147,3 +148,67 @@ def test_the_daemons_faust_consumer_has_what_batched_delivery_relies_on(tmp_path
     finally:
         daemon.dispatcher.close()
         daemon.publisher.close()
+
+
+# -- the fetch wait ----------------------------------------------------------------------------------
+
+
+def test_the_backlog_wait_applies_only_while_every_source_is_backlogged() -> None:
+    seen: list[int] = []
+    wait = FetchWait(["a", "b"], short_ms=10, backlog_ms=100, on_change=seen.append)
+    assert wait.current_ms == 10
+    wait.backlogged("a", True)
+    assert wait.current_ms == 10  # "b" still keeps up: its frames must not wait on a long fetch
+    wait.backlogged("b", True)
+    wait.backlogged("b", True)  # no change, no report
+    assert wait.current_ms == 100
+    wait.backlogged("a", False)
+    assert wait.current_ms == 10
+    assert seen == [100, 10]
+
+
+def test_a_backlog_wait_below_the_short_one_is_raised_to_it() -> None:
+    wait = FetchWait(["a"], short_ms=50, backlog_ms=20)
+    wait.backlogged("a", True)
+    assert wait.current_ms == 50
+
+
+def test_the_wait_reaches_the_fetch_requests_of_a_running_consumer(kafka_bootstrap: str) -> None:
+    """Against tansu: the running fetcher of a started aiokafka consumer sends its next fetch requests with
+    the backlog wait, and with the short one again once caught up."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka.protocol.fetch import FetchRequest
+
+    topic = unique("fetch-wait")
+    ensure_topics(Settings.from_env({"STREAMD_KAFKA_BOOTSTRAP": kafka_bootstrap}), {topic: 1})
+
+    async def scenario() -> list[int]:
+        consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, fetch_max_wait_ms=10,
+                                    enable_auto_commit=False)
+        await consumer.start()
+        sent: list[int] = []
+        send = consumer._client.send
+
+        async def recording(node_id: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+            if isinstance(request, FetchRequest):
+                sent.append(request._max_wait_ms)
+            return await send(node_id, request, *args, **kwargs)
+
+        consumer._client.send = recording
+        try:
+            consumer.assign([TopicPartition(topic, 0)])
+            await consumer.seek_to_beginning()
+            wait = FetchWait([topic], short_ms=10, backlog_ms=100)
+            wait.consumer = consumer
+            seen = []
+            for backlogged, expected in ((True, 100), (False, 10)):
+                wait.backlogged(topic, backlogged)
+                deadline = asyncio.get_running_loop().time() + 10
+                while expected not in sent[-1:] and asyncio.get_running_loop().time() < deadline:
+                    await asyncio.sleep(0.01)
+                seen.append(sent[-1])
+            return seen
+        finally:
+            await consumer.stop()
+
+    assert asyncio.run(scenario()) == [100, 10]
