@@ -225,8 +225,10 @@ class Daemon:
             events = [await queue.get()]
             start = loop.time()
             # Nothing was in flight at the last hand-off (a light load): a window would gather nothing more
-            # and only add its length to the latency, so the batch is what the queue holds now.
-            deadline, last = start + (0.0 if self._idle.get(topic) else wait_s), start + busy_s
+            # and only add its length to the latency, so the batch is what the queue holds now (and the
+            # broker is not asked for a backlog: a round trip per batch window at a light load, for nothing).
+            idle = self._idle.get(topic, False)
+            deadline, last = start + (0.0 if idle else wait_s), start + busy_s
             while len(events) < batch_max:
                 if not queue.empty():  # what is there already: no timer, no task per event
                     events.append(queue.get_nowait())
@@ -235,7 +237,7 @@ class Daemon:
                 if now >= deadline:
                     # The window is over: cut the batch, unless stage tasks are waiting for a worker (it would
                     # only queue behind them); then gather one more window, at most until busy_wait_ms.
-                    if now >= last or not await self._backlog(topic):
+                    if idle or now >= last or not await self._backlog(topic):
                         break
                     deadline = min(loop.time() + max(wait_s, 0.002), last)
                     continue

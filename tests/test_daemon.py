@@ -284,11 +284,13 @@ def _batches(idle: bool, fetch_wait: Any = None) -> list[list[str]]:
     daemon._idle = {"in": idle}
     daemon.fetch_wait = fetch_wait or FetchWait(["in"], short_ms=10, backlog_ms=100)
     handed: list[list[str]] = []
+    asked: list[str] = []
 
     async def handoff(topic: str, events: list[str]) -> None:
         handed.append(events)
 
     async def backlog(topic: str) -> int:
+        asked.append(topic)
         return 0
 
     daemon._handoff = handoff  # type: ignore[method-assign]
@@ -307,6 +309,8 @@ def _batches(idle: bool, fetch_wait: Any = None) -> list[list[str]]:
         flusher.cancel()
 
     asyncio.run(scenario())
+    if idle:
+        assert not asked  # no broker round trip for a batch that does not wait
     return handed
 
 
