@@ -25,9 +25,10 @@
    keeps a frame from waiting on a parked fetch; while every source is held at its ``max_in_flight``
    bound, the daemon has more records than it may hand off and a short wait only buys more, smaller
    fetches. The wait is then ``STREAMD_KAFKA_FETCH_MAX_WAIT_BACKLOG_MS``, back to the short one as
-   soon as a source's batching finds nothing queued (the daemon has caught up). Apache Kafka answers a fetch
-   as soon as records are there, so there this changes little; a broker that holds every fetch to its
-   deadline (tansu) answers ten times less often in a backlog (docs/performance.md, sixth round).
+   soon as a source's batching finds nothing queued (the daemon has caught up). Apache Kafka answers
+   a fetch as soon as records are there, so there this changes little; a broker that holds every
+   fetch to its deadline (tansu) answers ten times less often in a backlog (docs/performance.md,
+   sixth round).
 
 faust-streaming's internals move between releases: :func:`batch_delivery_supported` checks that what
 the second change relies on is there, and the consumer falls back to faust's own loop (with a
@@ -75,6 +76,12 @@ class FetchWait:
         self._lock = threading.Lock()
         self._warned = False
 
+    def attach(self, consumer: Any) -> None:
+        """faust's consumer thread made a new aiokafka consumer: it starts with the wait that applies now."""
+        with self._lock:
+            consumer._fetch_max_wait_ms = self.current_ms  # read by AIOKafkaConsumer.start() for its fetcher
+            self.consumer = consumer
+
     def backlogged(self, topic: str, yes: bool) -> None:
         """``topic`` is (or is no longer) held at its bound with more to read."""
         with self._lock:
@@ -91,7 +98,7 @@ class FetchWait:
     def _apply(self, ms: int) -> bool:
         consumer = self.consumer
         if consumer is None:
-            return True  # no consumer yet: it is made with current_ms
+            return True  # no consumer yet: attach() gives it current_ms
         fetcher = getattr(consumer, "_fetcher", None)
         if fetcher is not None and not hasattr(fetcher, "_fetch_max_wait_ms"):
             if not self._warned:
@@ -116,8 +123,7 @@ def kafka_transport(app: faust.App, fetch_wait: FetchWait) -> Any:
     class ConsumerThread(driver.AIOKafkaConsumerThread):
         def _create_worker_consumer(self, transport: Any) -> Any:
             consumer = super()._create_worker_consumer(transport)
-            consumer._fetch_max_wait_ms = fetch_wait.current_ms  # read by AIOKafkaConsumer.start() for its fetcher
-            fetch_wait.consumer = consumer
+            fetch_wait.attach(consumer)
             return consumer
 
     class KafkaConsumer(driver.Consumer):

@@ -199,7 +199,7 @@ def test_the_wait_reaches_the_fetch_requests_of_a_running_consumer(kafka_bootstr
             consumer.assign([TopicPartition(topic, 0)])
             await consumer.seek_to_beginning()
             wait = FetchWait([topic], short_ms=10, backlog_ms=100)
-            wait.consumer = consumer
+            wait.attach(consumer)
             seen = []
             for backlogged, expected in ((True, 100), (False, 10)):
                 wait.backlogged(topic, backlogged)
