@@ -79,8 +79,8 @@ class FetchWait:
     def attach(self, consumer: Any) -> None:
         """faust's consumer thread made a new aiokafka consumer: it starts with the wait that applies now."""
         with self._lock:
-            consumer._fetch_max_wait_ms = self.current_ms  # read by AIOKafkaConsumer.start() for its fetcher
             self.consumer = consumer
+            self._apply(self.current_ms)
 
     def backlogged(self, topic: str, yes: bool) -> None:
         """``topic`` is (or is no longer) held at its bound with more to read."""
@@ -106,7 +106,7 @@ class FetchWait:
                             self.current_ms)
                 self._warned = True
             return False
-        consumer._fetch_max_wait_ms = ms  # what start() gives the fetcher it makes
+        consumer._fetch_max_wait_ms = ms  # read by AIOKafkaConsumer.start() for the fetcher it makes
         if fetcher is not None:
             fetcher._fetch_max_wait_ms = ms  # read each time the consumer thread builds a fetch request
         return True

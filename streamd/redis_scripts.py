@@ -59,21 +59,19 @@ return #sizes / 2
 FINISH = _CHUNKED + """
 local ttl = ARGV[1]
 local n = (#ARGV - 1) / 2
-local inflight, order, frames, ids = {}, {}, {}, {}
+local inflight, order, gone, ids = {}, {}, {}, {}
 for k = 0, n - 1 do
   redis.call('SET', KEYS[2 + 3 * k], '1', 'PX', ttl)
-  frames[#frames + 1] = KEYS[3 + 3 * k]
+  gone[#gone + 1] = KEYS[3 + 3 * k]
   local key = KEYS[4 + 3 * k]
   if inflight[key] == nil then inflight[key] = {}; order[#order + 1] = key end
   local z = inflight[key]
   z[#z + 1] = ARGV[2 + 2 * k]
   ids[#ids + 1] = ARGV[3 + 2 * k]
 end
+for i = 2 + 3 * n, #KEYS do gone[#gone + 1] = KEYS[i] end  -- the payloads, then the batch's own keys
 for _, key in ipairs(order) do chunked('ZREM', key, inflight[key]) end
-if #frames > 0 then chunked('DEL', nil, frames) end
+if #gone > 0 then chunked('DEL', nil, gone) end
 if #ids > 0 then chunked('HDEL', KEYS[1], ids) end
-local rest = {}
-for i = 2 + 3 * n, #KEYS do rest[#rest + 1] = KEYS[i] end
-if #rest > 0 then chunked('DEL', nil, rest) end
 return n
 """
