@@ -55,6 +55,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("STREAMD_WORKER_CONCURRENCY", "0", "processes per worker (0: 1 for gpu, cores for cpu)"),
     Variable("STREAMD_MALLOC_TUNING", "1",
              "1: keep large buffers in the heap (glibc mallopt thresholds, see streamd.memory); 0: leave malloc alone"),
+    Variable("STREAMD_GC_FREEZE", "1",
+             "1: processes take their start-up heap out of Python's full collections (gc.freeze, see streamd.memory)"),
     Variable("STREAMD_UVLOOP", "1",
              "1: the daemon's event loops run on uvloop where it is installed (less CPU per event); 0: asyncio's own"),
     Variable("STREAMD_MODELS_DIR", "",
@@ -130,6 +132,7 @@ class Settings:
     onnx_threads: int = 0
     worker_concurrency: int = 0
     malloc_tuning: bool = True
+    gc_freeze: bool = True
     uvloop: bool = True
     models_dir: str = ""
 
@@ -176,6 +179,7 @@ class Settings:
             onnx_threads=_int(env, "STREAMD_ONNX_THREADS"),
             worker_concurrency=_int(env, "STREAMD_WORKER_CONCURRENCY"),
             malloc_tuning=_switch(env, "STREAMD_MALLOC_TUNING"),
+            gc_freeze=_switch(env, "STREAMD_GC_FREEZE"),
             uvloop=_switch(env, "STREAMD_UVLOOP"),
             models_dir=_get(env, "STREAMD_MODELS_DIR"),
         )

@@ -70,6 +70,7 @@ from .faust_transport import FetchWait, kafka_transport
 from .http import Health, serve
 from .ingest import Ingestor, InMessage
 from .kafka import Publisher, ensure_topics
+from .memory import freeze_heap
 from .metrics import Metrics
 from .runs import RunStore
 from .shutdown import start_drain_watchdog
@@ -122,6 +123,7 @@ class Daemon:
                       for i, spec in enumerate(topology.sources)}
         self.group_id = settings.group_id or topology.group_id
         self._stop = threading.Event()
+        self._frozen_running = False  # the heap was frozen again once consuming (see assigned())
         self._backlog_seen, self._backlog_at = 0, float("-inf")
         self._idle: dict[str, bool] = {}  # per source topic: nothing was in flight at its last hand-off
         self._room_waited: dict[str, float] = {}  # per source topic: seconds waited for room without getting any
@@ -188,7 +190,11 @@ class Daemon:
         self.assigned(args[0] if args else set())  # faust sends the whole new assignment
 
     def assigned(self, assigned: Any) -> None:
-        """The consumer group gave this daemon a new assignment (all of it): gauge and log it, per topic."""
+        """The consumer group gave this daemon a new assignment (all of it): gauge and log it, per topic.
+        The first one also freezes the heap again: faust's consumer and its fetcher exist from then on."""
+        if self.settings.gc_freeze and not self._frozen_running:
+            self._frozen_running = True
+            freeze_heap("daemon consuming")
         for spec in self.topology.sources:
             parts = sorted(tp.partition for tp in assigned if tp.topic == spec.topic)
             self.metrics.kafka_assigned_partitions.labels(spec.topic).set(len(parts))
@@ -356,6 +362,8 @@ class Daemon:
         threading.Thread(target=self._first_check, daemon=True).start()
         worker = _Worker(self.app, loglevel=self.settings.log_level, drain_timeout_s=self.settings.drain_timeout_s,
                          stop_waiting=self._stop.set, quiet=True, redirect_stdouts=False, override_logging=False)
+        if self.settings.gc_freeze:
+            freeze_heap("daemon start-up")
         log.info("streamd daemon for %s: group %s, sources %s", self.topology.name, self.group_id,
                  ", ".join(s.topic for s in self.topology.sources))
         worker.execute_from_commandline()

@@ -30,6 +30,7 @@ from .deadletters import DeadLetter, DeadLetterSink
 from .exceptions import ConfigError, StreamdError
 from .executor import Retry, StageExecutor
 from .kafka import Publisher
+from .memory import freeze_heap
 from .metrics import Metrics
 from .nodes.base import Node, resolve
 from .runs import Batch, RunStore
@@ -155,12 +156,24 @@ def build_worker_app(topology: Topology, settings: Settings, queues: list[str],
                 raise self.retry(countdown=min(MAX_BACKOFF_S, 2**attempt), max_retries=None) from None
             runtime.abandon(stage_id, batch, exc)
 
+    @signals.worker_init.connect(weak=False)
+    def _freeze_before_fork(**_: Any) -> None:  # the main process, before the pool's children are forked
+        if settings.gc_freeze:
+            freeze_heap("worker start-up")
+
+    @signals.worker_ready.connect(weak=False)
+    def _freeze_ready(**_: Any) -> None:  # the main process, its consumer and pool started
+        if settings.gc_freeze:
+            freeze_heap("worker ready")
+
     @signals.worker_process_init.connect(weak=False)
     def _init_process(**_: Any) -> None:  # prefork child: load and warm up the models now
         try:
             runtime.executor()
         except Exception:  # noqa: BLE001 - the first task retries, then dead-letters its runs
             log.exception("worker process could not load its Nodes")
+        if settings.gc_freeze:
+            freeze_heap("worker process with its Nodes loaded")
 
     @signals.worker_process_shutdown.connect(weak=False)
     def _close_process(**_: Any) -> None:

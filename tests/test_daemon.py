@@ -8,7 +8,7 @@ import builtins
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -212,7 +212,8 @@ def test_each_source_topic_hands_off_on_its_own_thread(tmp_path: Path, redis_url
         daemon.publisher.close()
 
 
-def test_assignment_is_gauged_per_source_topic(tmp_path: Path, redis_url: str, broker_url: str) -> None:
+def test_assignment_is_gauged_per_source_topic(tmp_path: Path, redis_url: str, broker_url: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     from faust.types import TP
     from prometheus_client import CollectorRegistry
 
@@ -226,11 +227,19 @@ def test_assignment_is_gauged_per_source_topic(tmp_path: Path, redis_url: str, b
     registry = CollectorRegistry()
     daemon = Daemon(load(path, settings=settings), settings, Metrics(registry))
     topic = topo["sources"][0]["topic"]
+    frozen: list[str] = []
+    monkeypatch.setattr("streamd.daemon.freeze_heap", frozen.append)  # not this test process's heap
     try:
         daemon.assigned({TP(topic, 0), TP(topic, 2), TP("someone.else", 1)})
         assert registry.get_sample_value("streamd_kafka_assigned_partitions", {"topic": topic}) == 2
         daemon.assigned(set())  # a rebalance took them all away
         assert registry.get_sample_value("streamd_kafka_assigned_partitions", {"topic": topic}) == 0
+        assert frozen == ["daemon consuming"]  # once consuming, faust's consumer is frozen too; not again
+        off = Daemon(load(path, settings=settings), replace(settings, gc_freeze=False), Metrics(CollectorRegistry()))
+        off.assigned({TP(topic, 0)})
+        off.dispatcher.close()
+        off.publisher.close()
+        assert frozen == ["daemon consuming"]  # STREAMD_GC_FREEZE=0
     finally:
         daemon.dispatcher.close()
         daemon.publisher.close()

@@ -49,3 +49,24 @@ def test_cuda_usable_follows_onnx_runtime_and_the_provider_override():
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="this machine has CUDA")
 def test_without_cuda_the_gpu_worker_defaults_to_one_process_per_core():
     assert choose_pool(["gpu"], Settings(), None, None) == ("prefork", CORES)
+
+
+def test_worker_processes_freeze_their_start_up_heap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The main process before the fork and once ready, each pool process once its Nodes are loaded."""
+    from pathlib import Path
+
+    from celery import signals
+
+    from streamd.topology import load
+    from streamd.worker import WorkerRuntime, build_worker_app
+
+    frozen: list[str] = []
+    monkeypatch.setattr("streamd.worker.freeze_heap", frozen.append)  # not this test process's heap
+    monkeypatch.setattr(WorkerRuntime, "executor", lambda self: None)  # no models, no services
+    path = Path(__file__).parent.parent / "topologies" / "surface-inspection.yaml"
+    build_worker_app(load(path, settings=Settings()), Settings(), ["cpu", "gpu"])
+    signals.worker_init.send(sender=None)
+    assert set(frozen) == {"worker start-up"}
+    signals.worker_ready.send(sender=None)
+    signals.worker_process_init.send(sender=None)
+    assert set(frozen) == {"worker start-up", "worker ready", "worker process with its Nodes loaded"}
