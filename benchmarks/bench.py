@@ -588,7 +588,7 @@ def inline_main(idx: int, topo_path: str, env: dict[str, str], group: str, statu
     spec = topo.sources[0]
     consumer = Consumer({**settings.kafka_config(), "group.id": group, "enable.auto.commit": False,
                          "auto.offset.reset": "earliest", "session.timeout.ms": settings.kafka_session_timeout_ms,
-                         "fetch.wait.max.ms": 10})
+                         "fetch.wait.max.ms": settings.kafka_fetch_max_wait_ms})  # as the daemon fetches
 
     def on_assign(_c: Any, parts: list[TopicPartition]) -> None:
         status.put((idx, len(parts)))
@@ -957,19 +957,22 @@ def measure_latency(system: str, prod: FrameProducer, col: Collector, frames: Fr
     return point
 
 
-def find_sustainable(system: str, prod: FrameProducer, col: Collector, frames: Frames, start: float,
-                     seconds: float, check: Callable[[], None], steps: int = 6,
-                     meter: CpuMeter | None = None) -> tuple[float, float, list[LoadPoint]]:
+#: measure(rate, p99 bound in ms, fraction of the sustainable rate or None) -> the load point.
+Measure = Callable[[float, float, float | None], LoadPoint]
+
+
+def find_sustainable(measure: Measure, start: float, steps: int = 6) -> tuple[float, float, list[LoadPoint]]:
     """The highest offered rate (within ~12 %) that the system sustains, by a bounded up/down search.
 
     A first point at a light load (5 % of ``start``, at least 5 frames/s) sets the latency bound."""
-    light = measure_latency(system, prod, col, frames, max(5.0, start * 0.05), seconds, None, check, meter=meter)
+    light = measure(max(5.0, start * 0.05), float("inf"), None)
     bound = max(SUSTAINED_FLOOR_MS, SUSTAINED_FACTOR * light.p99_ms + SUSTAINED_SLACK_MS)
-    log(f"{system}: p99 at light load {light.p99_ms:.1f} ms: a point is sustained while its p99 <= {bound:.0f} ms")
+    log(f"{light.system}: p99 at light load {light.p99_ms:.1f} ms: a point is sustained while its p99 <= "
+        f"{bound:.0f} ms")
     lo, hi, rate = (light.offered_fps if light.sustained else 0.0), 0.0, start
     points = [light]
     for _ in range(steps):
-        p = measure_latency(system, prod, col, frames, rate, seconds, None, check, p99_bound_ms=bound, meter=meter)
+        p = measure(rate, bound, None)
         points.append(p)
         if p.sustained:
             lo = rate
@@ -984,11 +987,19 @@ def find_sustainable(system: str, prod: FrameProducer, col: Collector, frames: F
 
 def measure_at(kind: str, args: argparse.Namespace, services: Services, frames: Frames, out: Path, *,
                edits: dict[str, Any], extra_env: dict[str, str], rates: list[float]) -> list[str]:
-    """``--at``: on one start of a system, each offered rate in turn: latency and CPU per frame by process."""
-    r = start_system(kind, args, services, frames, out, edits=edits, extra_env=extra_env, label=kind)
+    """``--at``: each offered rate in turn, each on a fresh start (all on one with ``--one-start``): latency and
+    CPU per frame by process."""
+
+    def start() -> Running:
+        return start_system(kind, args, services, frames, out, edits=edits, extra_env=extra_env, label=kind)
+
     lines = []
+    r = start()
     try:
-        for rate in rates:
+        for i, rate in enumerate(rates):
+            if i and not args.one_start:
+                r.stop(services)
+                r = start()
             meter = CpuMeter(r.groups)
             meter.start()
             prof = start_profiler(r, out / f"at-{rate:g}", args)
@@ -1109,9 +1120,12 @@ def run_system(kind: str, args: argparse.Namespace, services: Services, frames: 
                edits: dict[str, Any], extra_env: dict[str, str], label: str,
                sweep_fractions: Iterable[float] = (), sweep_rates: Iterable[float] = (),
                profile: bool = False) -> SystemRun:
-    """Measure one system: throughput and the sustainable-rate search on one start; then, on a second,
-    fresh start (an overload was seen to leave both systems slower for the rest of a run), the
-    latency at half the sustainable rate and the sweep points, lowest load first.
+    """Measure one system: its throughput (a backlog drain), the sustainable-rate search, then the latency at
+    half the sustainable rate and the sweep points, lowest load first.
+
+    Every load point runs on a fresh start of the system, on a fresh broker when the benchmark started its own
+    (:func:`fresh_points`). ``--one-start`` measures the search on the drain's start and the other points on one
+    second start, as the benchmark did before its eighth round.
 
     ``sweep_fractions`` are of this run's own sustainable rate; ``sweep_rates`` are absolute."""
 
@@ -1140,32 +1154,72 @@ def run_system(kind: str, args: argparse.Namespace, services: Services, frames: 
             burst = range(frames.next - args.frames, frames.next)
             if not r.col.wait_until(burst, args.max_drain_s * 3, r.check):
                 raise BenchError(f"{label}: {args.frames - r.col.count(burst)} result(s) of the burst never came")
-        log(f"{label}: searching the maximum sustainable offered rate")
-        found = find_sustainable(label, r.prod, r.col, frames, tput.fps * 0.6, args.search_seconds, r.check,
-                                 steps=args.search_steps, meter=CpuMeter(r.groups))
-        run.sustainable_fps, run.sustain_bound_ms, run.search = found
+        if args.one_start:
+            log(f"{label}: searching the maximum sustainable offered rate")
+            found = find_sustainable(on_start(r, frames, args.search_seconds), tput.fps * 0.6,
+                                     steps=args.search_steps)
         _collect(run, r.col)
     finally:
         r.stop(services)
+    if not args.one_start:
+        log(f"{label}: searching the maximum sustainable offered rate, each point on a fresh start")
+        found = find_sustainable(fresh_points(start, run, frames, args.search_seconds, services), tput.fps * 0.6,
+                                 steps=args.search_steps)
+    run.sustainable_fps, run.sustain_bound_ms, run.search = found
     smax = run.sustainable_fps or min(p.offered_fps for p in run.search)
-    log(f"{label}: sustains {run.sustainable_fps:.1f} frames/s; latency at half of it and the sweep points, "
-        "on a fresh start")
     points: list[tuple[float, float | None]] = [(smax * 0.5, 0.5)]
     points += [(smax * f, f) for f in sweep_fractions if f != 0.5] + [(rate, None) for rate in sweep_rates]
-    r = start()
-    try:
-        meter = CpuMeter(r.groups)
-        for rate, fraction in sorted(points, key=lambda p: p[0]):
-            point = measure_latency(label, r.prod, r.col, frames, rate, args.load_seconds, fraction, r.check,
-                                    meter=meter)
-            if fraction == 0.5 and run.half_load is None:
-                run.half_load = point
-            else:
-                run.sweep.append(point)
-        _collect(run, r.col)
-    finally:
-        r.stop(services)
+    log(f"{label}: sustains {run.sustainable_fps:.1f} frames/s; latency at half of it and the sweep points, "
+        + ("on a fresh start" if args.one_start else "each on a fresh start"))
+    if args.one_start:
+        r = start()
+        try:
+            measure = on_start(r, frames, args.load_seconds)
+            measured = [measure(rate, float("inf"), fraction) for rate, fraction in sorted(points)]
+            _collect(run, r.col)
+        finally:
+            r.stop(services)
+    else:
+        measure = fresh_points(start, run, frames, args.load_seconds, services)
+        measured = [measure(rate, float("inf"), fraction) for rate, fraction in sorted(points)]
+    for point in measured:
+        if point.fraction == 0.5 and run.half_load is None:
+            run.half_load = point
+        else:
+            run.sweep.append(point)
     return run
+
+
+def on_start(r: Running, frames: Frames, seconds: float) -> Measure:
+    """Load points one after another on one started system (``--one-start``, ``--at`` with it)."""
+    meter = CpuMeter(r.groups)
+
+    def measure(rate: float, bound: float, fraction: float | None) -> LoadPoint:
+        return measure_latency(r.label, r.prod, r.col, frames, rate, seconds, fraction, r.check,
+                               p99_bound_ms=bound, meter=meter)
+
+    return measure
+
+
+def fresh_points(start: Callable[[], Running], run: SystemRun, frames: Frames, seconds: float,
+                 services: Services) -> Measure:
+    """Each load point on a fresh start of the system: new topics, and a new, empty tansu broker when the
+    benchmark started its own.
+
+    tansu scans a partition's records on every fetch: its CPU per fetch grows with what the partition holds
+    (at 110 frames/s its CPU per frame doubled within 50 s; docs/performance.md, eighth round), and every
+    consumer fetches 100 times a second. On one broker, a point measured after others measures the broker's
+    age as well as the system. Apache Kafka finds a fetch's offset in an index."""
+
+    def measure(rate: float, bound: float, fraction: float | None) -> LoadPoint:
+        r = start()
+        try:
+            return on_start(r, frames, seconds)(rate, bound, fraction)
+        finally:
+            _collect(run, r.col)
+            r.stop(services)
+
+    return measure
 
 
 def drain_once(kind: str, args: argparse.Namespace, services: Services, frames: Frames, out: Path, *,
@@ -1220,7 +1274,9 @@ def report(m: dict[str, Any], runs: dict[str, SystemRun], compare: list[SystemRu
     lines = [machine_line(m)]
     lines.append(f"topology: {args.topology.name} (source partitions {args.partitions or 2 * args.cores}); "
                  f"frames: 128x128 grayscale JPEG, seed {args.seed}; burst {args.frames}, warm-up {args.warmup}, "
-                 f"load points {args.load_seconds:g} s, search steps {args.search_seconds:g} s")
+                 f"load points {args.load_seconds:g} s, search steps {args.search_seconds:g} s, "
+                 + ("all on one start after the drain (--one-start)" if args.one_start
+                    else "each on a fresh start" + ("" if args.kafka else " and a fresh tansu broker")))
     knobs = [f"topology {k}={v}" for k, v in _kv(args.sets).items()] + args.streamd_env
     knobs += [f"worker --queues {q} --concurrency {n}" for q, n in (("cpu", args.cpu_concurrency),
                                                                     ("gpu", args.gpu_concurrency)) if n]
@@ -1345,6 +1401,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--search-steps", type=int, default=6, help="most steps of that search (default 6)")
     p.add_argument("--max-drain-s", type=float, default=60.0,
                    help="cut a throughput measurement after this many seconds (default 60)")
+    p.add_argument("--one-start", action="store_true",
+                   help="load points one after another on one start of a system, as before the eighth round "
+                        "(default: each on a fresh start and, when the benchmark runs its own, a fresh broker)")
     p.add_argument("--sweep", action="store_true", help="latency at 0.25..1.0 x the streamd maximum, both systems")
     p.add_argument("--compare", action="store_true",
                    help="also streamd with fusion on/off x batch 32/1 (throughput and latency at half its max)")

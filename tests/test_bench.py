@@ -36,6 +36,12 @@ def test_bench_runs_both_systems_and_prints_the_figures(tmp_path: Path, kafka_bo
         # each system drained twice, on two starts, and the report says so
         assert re.search(rf"^{system}\s+throughput .*\(backlog drain, median of 2: \d+ \d+\)", text, re.M), text
     assert re.search(r"^ratio streamd/inline: throughput [\d.]+", text, re.M), text
+    # every load point on a fresh start: the search's light point, its steps and the half-load point
+    assert "each on a fresh start" in text, text
+    for system in ("inline", "streamd"):
+        log = proc.stderr + proc.stdout
+        starts = len(re.findall(rf"\] {system}: started \(", log))
+        assert starts >= 2 + 3, log[-6000:]  # two drains, then at least three load points
     # by default streamd runs as a host without a GPU runs it: one worker for both queues
     assert "streamd workers: one worker: streamd worker --queues cpu,gpu" in text, text
     assert re.search(r"streamd CPU ms per frame .*streamd worker pool [\d.]+", text), text
