@@ -209,35 +209,38 @@ class Daemon:
         busy_s = max(wait_s, self.topology.batch_busy_wait_ms / 1000.0)
 
         async def ingest(stream: Any) -> None:
-            log.debug("agent for %s on %s", topic, type(asyncio.get_running_loop()).__module__)
-            queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=batch_max)
+            loop = asyncio.get_running_loop()
+            log.debug("agent for %s on %s", topic, type(loop).__module__)
+            queue: asyncio.Queue[tuple[float, Any]] = asyncio.Queue(maxsize=batch_max)
             flusher = asyncio.ensure_future(self._flusher(topic, queue, batch_max, wait_s, busy_s))
             flusher.add_done_callback(_crash_on_error)
             try:
                 async for event in stream.noack().events():
-                    await queue.put(event)
+                    await queue.put((loop.time(), event))  # its arrival: the batch window counts from there
             finally:
                 flusher.cancel()
 
         ingest.__name__ = f"ingest_{topic.replace('.', '_').replace('-', '_')}"
         return ingest
 
-    async def _flusher(self, topic: str, queue: asyncio.Queue[Any], batch_max: int, wait_s: float,
+    async def _flusher(self, topic: str, queue: asyncio.Queue[tuple[float, Any]], batch_max: int, wait_s: float,
                        busy_s: float) -> None:
         loop = asyncio.get_running_loop()
         while True:
             if queue.empty():
                 self.fetch_wait.backlogged(topic, False)  # the stream ran dry: the daemon has caught up
-            events = [await queue.get()]
-            start = loop.time()
-            # Nothing was in flight at the last hand-off (a light load): a window would gather nothing more
-            # and only add its length to the latency, so the batch is what the queue holds now (and the
-            # broker is not asked for a backlog: a round trip per batch window at a light load, for nothing).
+            start, first = await queue.get()
+            events = [first]
+            # The window counts from the first event's arrival: one that arrived during the previous hand-off
+            # has waited that long already. Nothing was in flight at the last hand-off (a light load): a
+            # window would gather nothing more and only add its length to the latency, so the batch is what
+            # the queue holds now (and the broker is not asked for a backlog: a round trip per batch window
+            # at a light load, for nothing).
             idle = self._idle.get(topic, False)
             deadline, last = start + (0.0 if idle else wait_s), start + busy_s
             while len(events) < batch_max:
                 if not queue.empty():  # what is there already: no timer, no task per event
-                    events.append(queue.get_nowait())
+                    events.append(queue.get_nowait()[1])
                     continue
                 now = loop.time()
                 if now >= deadline:
@@ -248,7 +251,7 @@ class Daemon:
                     deadline = min(loop.time() + max(wait_s, 0.002), last)
                     continue
                 try:
-                    events.append(await asyncio.wait_for(queue.get(), deadline - now))
+                    events.append((await asyncio.wait_for(queue.get(), deadline - now))[1])
                 except TimeoutError:
                     pass
             await self._handoff(topic, events)

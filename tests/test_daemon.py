@@ -284,8 +284,10 @@ def test_without_uvloop_the_policy_is_left_alone(policy, monkeypatch, caplog):
 # -- the batch window (no services needed) ---------------------------------------------------------
 
 
-def _batches(idle: bool, fetch_wait: Any = None) -> list[list[str]]:
-    """Two events 20 ms apart through the flusher with a 500 ms window; the hand-offs it makes."""
+def _batches(idle: bool, fetch_wait: Any = None, arrived_ago: float = 0.0) -> list[list[str]]:
+    """Two events 20 ms apart through the flusher with a 500 ms window; the hand-offs it makes.
+
+    The first event reaches the flusher ``arrived_ago`` seconds after it arrived (it waited out a hand-off)."""
     from streamd.daemon import Daemon
     from streamd.faust_transport import FetchWait
 
@@ -306,11 +308,12 @@ def _batches(idle: bool, fetch_wait: Any = None) -> list[list[str]]:
     daemon._backlog = backlog  # type: ignore[method-assign]
 
     async def scenario() -> None:
-        queue: asyncio.Queue[str] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[float, str]] = asyncio.Queue()
         flusher = asyncio.ensure_future(daemon._flusher("in", queue, 32, 0.5, 0.5))
-        await queue.put("a")
+        await queue.put((loop.time() - arrived_ago, "a"))
         await asyncio.sleep(0.02)
-        await queue.put("b")
+        await queue.put((loop.time(), "b"))
         for _ in range(200):
             if sum(map(len, handed)) == 2:
                 break
@@ -329,6 +332,12 @@ def test_a_batch_waits_its_window_while_runs_are_in_flight():
 
 def test_with_nothing_in_flight_a_batch_goes_without_waiting_its_window():
     assert _batches(idle=True) == [["a"], ["b"]]
+
+
+def test_the_window_counts_from_the_first_events_arrival():
+    """An event that waited a whole window already (behind the previous hand-off) goes at once; the next
+    one gets a window of its own."""
+    assert _batches(idle=False, arrived_ago=0.6) == [["a"], ["b"]]
 
 
 def test_the_fetch_wait_drops_back_once_the_stream_runs_dry():
