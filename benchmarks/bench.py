@@ -456,6 +456,11 @@ class FrameProducer:
         if self.p.flush(30) != 0 or self.errors:
             raise BenchError(f"producing frames to {self.topic} failed ({self.errors} errors)")
 
+    def close(self) -> None:
+        """Before the broker goes: a producer left to the garbage collector keeps reconnecting to it."""
+        self.p.flush(5)
+        self.p.close()
+
 
 # -- results -----------------------------------------------------------------------------------------------------
 
@@ -1063,6 +1068,7 @@ class Running:
     def stop(self, services: Services) -> None:
         self.system.stop()
         self.col.close()
+        self.prod.close()
         cleanup_broker_and_redis(services, self.topo)
 
 

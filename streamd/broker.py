@@ -7,8 +7,11 @@ Settings that carry streamd's delivery guarantees (see docs/reliability.md):
   the broker, which redelivers it to another worker.
 * ``worker_prefetch_multiplier=1``: a worker holds one task per process, so a
   long inference does not idle tasks behind it.
-* ``confirm_publish``: the daemon's dispatch returns only when RabbitMQ has
-  the message, so the Kafka offset is committed after a durable hand-off.
+* ``confirm_publish``: a worker's dispatch of a child stage returns only when
+  RabbitMQ has the message (the task is acknowledged after it). The daemon
+  publishes its root stages on a connection of its own and waits for the
+  confirms off the hand-off path (:mod:`streamd.confirms`); either way the
+  Kafka offset is committed only after a durable hand-off.
 * JSON only (``accept_content``): a broker message is untrusted input; pickle
   is never accepted. Frame bytes never travel here, only run ids.
 * ``visibility_timeout`` (Redis broker only) longer than any task, so a
@@ -26,11 +29,12 @@ from kombu import Exchange, Queue
 from kombu.utils.uuid import uuid
 
 from .config import Settings
+from .confirms import ConfirmPipeline, Ticket
 from .dag import Stage
 from .runs import Batch
 from .topology import Topology
 
-__all__ = ["make_celery", "Dispatcher", "TASK_NAME"]
+__all__ = ["make_celery", "Dispatcher", "TASK_NAME", "speaks_amqp"]
 
 TASK_NAME = "streamd.stage"
 #: AMQP delivery mode of stage tasks: written to disk by RabbitMQ (Celery's default too).
@@ -71,6 +75,15 @@ def make_celery(topology: Topology, settings: Settings) -> Celery:
     return app
 
 
+def speaks_amqp(app: Celery) -> bool:
+    """Whether the app's broker is an AMQP one (RabbitMQ), which has publisher confirms."""
+    conn = app.connection_for_write()  # not connected
+    try:
+        return bool(conn.transport.driver_type == "amqp")
+    finally:
+        conn.release()
+
+
 class Dispatcher:
     """Sends stage tasks (used by the daemon for root stages and by workers for children).
 
@@ -86,10 +99,13 @@ class Dispatcher:
     under a lock.
     """
 
-    def __init__(self, app: Celery, topology: Topology) -> None:
+    def __init__(self, app: Celery, topology: Topology, *, pipeline: ConfirmPipeline | None = None) -> None:
         self.app = app
         self.topology = topology
         self.exchange = f"streamd.{topology.name}"
+        #: With a pipeline (the daemon on RabbitMQ), a call publishes without waiting for the confirm and
+        #: returns the ticket to wait for (streamd.confirms); without one it returns once RabbitMQ confirmed.
+        self.pipeline = pipeline
         self._producer: Any = None
         self._pid = -1
         # The daemon hands off from a thread per source topic; they share the held producer (one AMQP channel).
@@ -98,7 +114,7 @@ class Dispatcher:
         self._lost: tuple[type[BaseException], ...] = tuple(conn.connection_errors)
         conn.release()
 
-    def __call__(self, stage: Stage, batch: Batch) -> None:
+    def __call__(self, stage: Stage, batch: Batch) -> Ticket | None:
         q = self.topology.celery_queue(stage.queue)
         message = self.app.amqp.create_task_message(
             uuid(), TASK_NAME, [self.topology.name, stage.id, batch.message()], {},
@@ -106,18 +122,25 @@ class Dispatcher:
             argsrepr=f"[{self.topology.name!r}, {stage.id!r}, <batch {batch.batch_id} of {len(batch.runs)}>]",
             kwargsrepr="{}",
         )
+
+        def send(producer: Any) -> None:
+            producer.publish(message.body, exchange=self.exchange, routing_key=q, headers=message.headers,
+                             serializer="json", delivery_mode=PERSISTENT, declare=None, retry=False,
+                             **message.properties)
+
+        if self.pipeline is not None:
+            return self.pipeline.publish(send)
         with self._lock:
             for attempt in (1, 2):
                 producer = self._held()
                 try:
-                    producer.publish(message.body, exchange=self.exchange, routing_key=q, headers=message.headers,
-                                     serializer="json", delivery_mode=PERSISTENT, declare=None, retry=False,
-                                     **message.properties)
-                    return
+                    send(producer)
+                    return None
                 except self._lost:
                     self.close()
                     if attempt == 2:
                         raise
+        return None
 
     def _held(self) -> Any:
         if self._producer is None or self._pid != os.getpid():  # never use a producer made before a fork

@@ -57,6 +57,8 @@ VARIABLES: tuple[Variable, ...] = (
              "1: keep large buffers in the heap (glibc mallopt thresholds, see streamd.memory); 0: leave malloc alone"),
     Variable("STREAMD_GC_FREEZE", "1",
              "1: processes take their start-up heap out of Python's full collections (gc.freeze, see streamd.memory)"),
+    Variable("STREAMD_PIPELINED_CONFIRMS", "1",
+             "1: the daemon hands off without waiting for RabbitMQ's publisher confirm; the Kafka offset waits for it"),
     Variable("STREAMD_UVLOOP", "1",
              "1: the daemon's event loops run on uvloop where it is installed (less CPU per event); 0: asyncio's own"),
     Variable("STREAMD_MODELS_DIR", "",
@@ -133,6 +135,7 @@ class Settings:
     worker_concurrency: int = 0
     malloc_tuning: bool = True
     gc_freeze: bool = True
+    pipelined_confirms: bool = True
     uvloop: bool = True
     models_dir: str = ""
 
@@ -180,6 +183,7 @@ class Settings:
             worker_concurrency=_int(env, "STREAMD_WORKER_CONCURRENCY"),
             malloc_tuning=_switch(env, "STREAMD_MALLOC_TUNING"),
             gc_freeze=_switch(env, "STREAMD_GC_FREEZE"),
+            pipelined_confirms=_switch(env, "STREAMD_PIPELINED_CONFIRMS"),
             uvloop=_switch(env, "STREAMD_UVLOOP"),
             models_dir=_get(env, "STREAMD_MODELS_DIR"),
         )

@@ -61,8 +61,9 @@ import redis
 from confluent_kafka import Consumer, TopicPartition
 from kombu.exceptions import KombuError
 
-from .broker import Dispatcher, make_celery
+from .broker import Dispatcher, make_celery, speaks_amqp
 from .config import Settings, redact
+from .confirms import ConfirmPipeline, Ticket
 from .dag import plan
 from .deadletters import DeadLetterSink
 from .exceptions import ServiceUnavailable, StreamdError
@@ -93,6 +94,11 @@ ROOM_POLL_MAX_S = 0.02
 ROOM_WAIT_S = 0.5
 #: Seconds without room after which in-flight entries older than twice the frame TTL are pruned.
 STALE_CHECK_S = 5.0
+#: Hand-offs of one source topic that may wait for RabbitMQ's confirms at a time (the offsets of their events
+#: are not committed meanwhile); one more waits until the oldest is confirmed.
+MAX_UNCONFIRMED = 64
+#: Seconds RabbitMQ has to confirm a hand-off's stage tasks before the hand-off is done again.
+CONFIRM_TIMEOUT_S = 30.0
 _INFRA_ERRORS = (StreamdError, redis.RedisError, KombuError, OSError, ConnectionError)
 
 
@@ -104,7 +110,11 @@ class Daemon:
         self.health = Health(stale_after_s=120)  # /healthz fails if the monitor loop stops turning
         self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
         self.celery = make_celery(topology, settings)
-        self.dispatcher = Dispatcher(self.celery, topology)
+        # On RabbitMQ a hand-off publishes without waiting for the publisher confirm: the events are acked (and
+        # their offsets committed) once it comes, and a slow one does not hold up the next hand-offs.
+        self.confirms = (ConfirmPipeline(self.celery) if settings.pipelined_confirms and speaks_amqp(self.celery)
+                         else None)
+        self.dispatcher = Dispatcher(self.celery, topology, pipeline=self.confirms)
         self.publisher = Publisher(settings)
         env = topology.node_env(settings)
         nodes = topology.build_nodes(env)
@@ -121,6 +131,9 @@ class Daemon:
         self.pools = {spec.topic: concurrent.futures.ThreadPoolExecutor(max_workers=1,
                                                                         thread_name_prefix=f"handoff-{i}")
                       for i, spec in enumerate(topology.sources)}
+        self._confirm_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="confirms")
+        self._unconfirmed = {spec.topic: asyncio.Semaphore(MAX_UNCONFIRMED) for spec in topology.sources}
+        self._confirming: set[asyncio.Future[None]] = set()  # the waits for confirms (held: asyncio keeps weak refs)
         self.group_id = settings.group_id or topology.group_id
         self._stop = threading.Event()
         self._frozen_running = False  # the heap was frozen again once consuming (see assigned())
@@ -275,25 +288,60 @@ class Daemon:
 
     async def _handoff_now(self, topic: str, events: list[Any], block: bool) -> int:
         """Hand off the events (under block: as many as there is room for, once there is some, waiting at
-        most ROOM_WAIT_S), in one trip to the hand-off thread; ack them; return how many."""
+        most ROOM_WAIT_S), in one trip to the hand-off thread; return how many. They are acked once RabbitMQ
+        confirmed their stage tasks: at once when the hand-off waited for that itself, else by a wait of
+        its own, while the next hand-offs go on (at most MAX_UNCONFIRMED of a topic wait at a time)."""
         loop = asyncio.get_running_loop()
         msgs = [InMessage(e.message.topic, e.message.partition, e.message.offset, e.key, e.value) for e in events]
+        unconfirmed = self._unconfirmed[topic]
+        await unconfirmed.acquire()
         delay = 0.2
-        while True:
-            try:
-                done = await loop.run_in_executor(self.pools[topic], self._handoff_sync, topic, msgs, block)
-                break
-            except _INFRA_ERRORS as exc:
-                log.error("hand-off of %d message(s) from %s failed, retrying in %.1f s: %s", len(msgs), topic,
-                          delay, redact(f"{type(exc).__name__}: {exc}"))
-                self.health.set("redis", False, f"hand-off failing: {exc}")
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-        for e in events[:done]:
-            e.ack()
+        try:
+            while True:
+                try:
+                    done, tickets = await loop.run_in_executor(self.pools[topic], self._handoff_sync, topic, msgs,
+                                                               block)
+                    break
+                except _INFRA_ERRORS as exc:
+                    log.error("hand-off of %d message(s) from %s failed, retrying in %.1f s: %s", len(msgs), topic,
+                              delay, redact(f"{type(exc).__name__}: {exc}"))
+                    self.health.set("redis", False, f"hand-off failing: {exc}")
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+        except BaseException:
+            unconfirmed.release()
+            raise
+        if tickets:
+            wait = asyncio.ensure_future(self._ack_when_confirmed(topic, events[:done], tickets))
+            self._confirming.add(wait)
+            wait.add_done_callback(self._confirming.discard)
+            wait.add_done_callback(_crash_on_error)
+        else:
+            unconfirmed.release()
+            for e in events[:done]:
+                e.ack()
         return done
 
-    def _handoff_sync(self, topic: str, msgs: list[InMessage], block: bool) -> int:
+    async def _ack_when_confirmed(self, topic: str, events: list[Any], tickets: list[Ticket]) -> None:
+        """Ack a hand-off's events once RabbitMQ confirmed its stage tasks; hand them off again if it did not."""
+        assert self.confirms is not None
+        loop = asyncio.get_running_loop()
+        failed: BaseException | None = None
+        try:
+            for ticket in tickets:
+                await loop.run_in_executor(self._confirm_pool, self.confirms.wait, ticket, CONFIRM_TIMEOUT_S)
+        except _INFRA_ERRORS as exc:
+            failed = exc
+        finally:
+            self._unconfirmed[topic].release()
+        if failed is None:
+            for e in events:
+                e.ack()
+            return
+        log.warning("hand-off of %d message(s) from %s: %s", len(events), topic, failed)
+        await self._handoff(topic, events)  # acked once this one is confirmed
+
+    def _handoff_sync(self, topic: str, msgs: list[InMessage], block: bool) -> tuple[int, list[Ticket]]:
         spec = self.topology.source(topic)
         room = self.ingestor.room(topic)
         # all of max_in_flight free: the runs handed off before have all ended (a light load)
@@ -302,9 +350,8 @@ class Daemon:
             if room < 1:
                 room = self._wait_room(topic)
             msgs = msgs[:max(0, room)]
-        if msgs:
-            self.ingestor.handle(msgs)
-        return len(msgs)
+        tickets = self.ingestor.handle(msgs) if msgs else []
+        return len(msgs), tickets
 
     def _wait_room(self, topic: str) -> int:
         """In the topic's hand-off thread: poll the in-flight count until the topic has room for one more run, for
@@ -336,6 +383,11 @@ class Daemon:
 
     def refresh_gauges(self) -> None:
         m, name = self.metrics, self.topology.name
+        if self.confirms is not None:
+            try:
+                self.confirms.tick()  # heartbeats on the hand-off's RabbitMQ connection while it is quiet
+            except Exception:  # noqa: BLE001 - a broken connection is replaced at the next hand-off
+                log.debug("confirm pipeline tick failed", exc_info=True)
         self.health.beat = time.time()
         if self.health.check("redis", self.redis.ping):
             keys, size = self.store.store_size()

@@ -16,6 +16,7 @@ caller can catch them all at once. Messages say *what* went wrong, *where*
     │   └── ModelInputMismatch    tensor shape/dtype does not fit the model
     ├── FrameExpired              the claim-checked payload is gone from Redis
     ├── ServiceUnavailable        Kafka, Redis or the Celery broker cannot be reached
+    │   └── NotConfirmed          RabbitMQ did not confirm a stage task the daemon published
     └── PublishError              a sink could not deliver a record to Kafka
 
 Each error that ends up on the dead-letter topic carries a ``reason`` (a short
@@ -35,6 +36,7 @@ __all__ = [
     "ModelInputMismatch",
     "FrameExpired",
     "ServiceUnavailable",
+    "NotConfirmed",
     "PublishError",
 ]
 
@@ -126,6 +128,10 @@ class ServiceUnavailable(StreamdError):
     """Kafka, Redis or the Celery broker cannot be reached."""
 
     reason = "service_unavailable"
+
+
+class NotConfirmed(ServiceUnavailable):
+    """RabbitMQ did not confirm a stage task: it refused it, the connection was lost first, or it took too long."""
 
 
 class PublishError(StreamdError):

@@ -36,8 +36,9 @@ __all__ = ["StageExecutor", "Retry"]
 
 log = logging.getLogger(__name__)
 
-#: dispatch(stage, batch) sends a stage task for a batch.
-Dispatch = Callable[[Stage, Batch], None]
+#: dispatch(stage, batch) sends a stage task for a batch (a worker's returns once the broker has it; what it
+#: returns is not used).
+Dispatch = Callable[[Stage, Batch], object]
 
 
 class Retry(Exception):

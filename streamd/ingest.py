@@ -3,10 +3,12 @@
 :class:`Ingestor` has no Kafka consumer of its own (the faust agents in
 :mod:`streamd.daemon` feed it), so it is tested directly. :meth:`Ingestor.handle`
 returns only when every message of the batch is either handed off (payload in
-Redis and root stages dispatched to the broker with publisher confirms) or
-dead-lettered (acknowledged by Kafka). The caller acknowledges the Kafka
-offsets after that, and never before: a crash in between re-reads the
-messages, and their deterministic run ids make the replay overwrite, not add.
+Redis and root stages dispatched to the broker) or dead-lettered (acknowledged
+by Kafka). The root stage tasks are confirmed by the broker when it returns,
+or, with the daemon's confirm pipeline, it returns their tickets and the
+caller waits for those confirms. The caller acknowledges the Kafka offsets
+after that, and never before: a crash in between re-reads the messages, and
+their deterministic run ids make the replay overwrite, not add.
 """
 
 from __future__ import annotations
@@ -74,8 +76,11 @@ class Ingestor:
             meta=meta if isinstance(meta, dict) else {},
         )
 
-    def handle(self, messages: Sequence[InMessage]) -> None:
+    def handle(self, messages: Sequence[InMessage]) -> list[Any]:
+        """Hand a batch off; return what dispatching its root stages returned (tickets to wait for, with the
+        daemon's confirm pipeline; nothing when dispatching waits for the broker itself)."""
         letters: list[DeadLetter] = []
+        tickets: list[Any] = []
         admitted: list[tuple[RunContext, bytes]] = []
         for m in messages:
             spec = self.topology.source(m.topic)
@@ -93,11 +98,14 @@ class Ingestor:
             self.store.admit(admitted)
             batch = Batch.of([run for run, _ in admitted])
             for stage in self.plan.roots():
-                self.dispatch(stage, batch)
+                ticket = self.dispatch(stage, batch)
+                if ticket is not None:
+                    tickets.append(ticket)
         self.dead_letters.publish(letters)
         if self.metrics is not None:
             for topic, n in Counter(run.origin.topic for run, _ in admitted).items():
                 self.metrics.frames_ingested.labels(self.topology.name, topic).inc(n)
+        return tickets
 
     def _overload(self, admitted: list[tuple[RunContext, bytes]]) -> tuple[list[tuple[RunContext, bytes]],
                                                                              list[DeadLetter]]:

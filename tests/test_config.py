@@ -195,6 +195,7 @@ def test_every_variable_is_accepted_with_its_default():
 @pytest.mark.parametrize(("value", "expected"), [("1", True), ("0", False), ("off", False), ("TRUE", True)])
 @pytest.mark.parametrize(("variable", "field"), [("STREAMD_MALLOC_TUNING", "malloc_tuning"),
                                                  ("STREAMD_GC_FREEZE", "gc_freeze"),
+                                                 ("STREAMD_PIPELINED_CONFIRMS", "pipelined_confirms"),
                                                  ("STREAMD_UVLOOP", "uvloop")])
 def test_switches(variable, field, value, expected):
     assert getattr(Settings.from_env({variable: value}), field) is expected

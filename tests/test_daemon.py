@@ -212,6 +212,82 @@ def test_each_source_topic_hands_off_on_its_own_thread(tmp_path: Path, redis_url
         daemon.publisher.close()
 
 
+def test_a_hand_off_is_acked_once_rabbitmq_confirmed_it_and_done_again_if_not(tmp_path: Path, redis_url: str,
+                                                                              broker_url: str) -> None:
+    """The hand-off returns before RabbitMQ's confirm; its events are acked only once the confirm came. A
+    confirm that cannot come (the connection was lost) hands the events off again."""
+    import threading
+
+    import redis
+    from kombu import Connection
+    from prometheus_client import CollectorRegistry
+
+    from streamd.daemon import Daemon
+    from streamd.exceptions import NotConfirmed
+    from streamd.metrics import Metrics
+    from streamd.topology import load
+
+    path, topo = make_topology(tmp_path)
+    settings = Settings.from_env({"STREAMD_KAFKA_BOOTSTRAP": "127.0.0.1:9", "STREAMD_REDIS_URL": redis_url,
+                                  "STREAMD_BROKER_URL": broker_url})
+    daemon = Daemon(load(path, settings=settings), settings, Metrics(CollectorRegistry()))
+    assert daemon.confirms is not None  # on RabbitMQ, by default
+    with daemon.celery.connection_for_write() as conn:
+        for q in daemon.celery.conf.task_queues:
+            q(conn.default_channel).declare()
+    source = topo["sources"][0]["topic"]
+    img = next(iter(camera_frames(1, 1, 10)))[2]
+
+    def event(offset: int) -> Any:
+        e = SimpleNamespace(message=SimpleNamespace(topic=source, partition=0, offset=offset), key=b"cam1",
+                            value=frame_message("cam1", offset, img), acked=False)
+        e.ack = lambda: setattr(e, "acked", True)
+        return e
+
+    events = [event(0), event(1)]
+    gate, waits = threading.Event(), []
+    real_wait = daemon.confirms.wait
+
+    def wait(ticket: Any, timeout: float) -> None:
+        waits.append(ticket)
+        if len(waits) == 1:  # the first hand-off's confirm: held, then lost
+            gate.wait(10)
+            raise NotConfirmed("the connection to RabbitMQ was lost (in this test)")
+        real_wait(ticket, timeout)
+
+    daemon.confirms.wait = wait  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        assert await daemon._handoff_now(source, events, True) == 2
+        await asyncio.sleep(0.1)
+        assert not any(e.acked for e in events)  # handed off, not confirmed
+        gate.set()
+        for _ in range(500):
+            if all(e.acked for e in events) and not daemon._confirming:
+                break
+            await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(scenario())
+        assert all(e.acked for e in events)
+        assert len(waits) == 2  # handed off a second time, and that one confirmed
+        with Connection(broker_url) as conn:
+            tasks = 0
+            while conn.default_channel.basic_get(daemon.topology.celery_queue("cpu"), no_ack=True) is not None:
+                tasks += 1
+        assert tasks == 2  # one stage task per hand-off (a worker skips runs already settled)
+    finally:
+        daemon.confirms.close()
+        daemon.dispatcher.close()
+        daemon.publisher.close()
+        with daemon.celery.connection_for_write() as conn:
+            for q in daemon.celery.conf.task_queues:
+                q(conn.default_channel).delete()
+        r = redis.Redis.from_url(redis_url)
+        for key in r.scan_iter(f"streamd:{daemon.topology.name}:*"):
+            r.delete(key)
+
+
 def test_assignment_is_gauged_per_source_topic(tmp_path: Path, redis_url: str, broker_url: str,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from faust.types import TP
