@@ -1396,7 +1396,7 @@ def write_sweep(out: Path, runs: dict[str, SystemRun]) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--frames", type=int, default=4000, help="frames in the throughput burst (default 4000)")
+    p.add_argument("--frames", type=int, default=8000, help="frames in the throughput burst (default 8000)")
     p.add_argument("--warmup", type=int, default=200, help="warm-up frames, excluded (default 200)")
     p.add_argument("--drains", type=int, default=3,
                    help="backlog drains per system, each on a fresh start, the systems taking turns to go first; "

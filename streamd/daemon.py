@@ -39,6 +39,13 @@ its bound and lowered again when a source's stream runs dry (caught up), and eac
 fetch's messages delivered to the agents under one race against a rebalance
 instead of one per message (:mod:`streamd.faust_transport`).
 
+Confirms: on RabbitMQ a hand-off publishes its stage tasks without waiting for
+RabbitMQ's publisher confirms (:mod:`streamd.confirms`, ``STREAMD_PIPELINED_CONFIRMS``);
+a task of its own waits for them and only then acks the hand-off's events (at most
+``MAX_UNCONFIRMED`` hand-offs of a topic wait at a time), so a slow confirm (RabbitMQ's
+disk) delays an offset commit, not the next hand-off. A confirm that does not come hands
+the events off again.
+
 Shutdown: SIGTERM stops the agents (``stream_wait_empty`` is off: faust's
 ``wait_empty`` hangs forever on an event that is never acked) and a watchdog
 ends the process after ``STREAMD_DRAIN_TIMEOUT_S`` whatever faust is doing.
