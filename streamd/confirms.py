@@ -8,7 +8,7 @@ round). A worker has the task before RabbitMQ confirms it; only the Kafka offset
 
 :class:`ConfirmPipeline` publishes on a connection of its own, on a channel in confirm mode, and
 returns a :class:`Ticket` at once; :meth:`ConfirmPipeline.wait` returns once RabbitMQ confirmed
-every task of the ticket. It raises :class:`~streamd.exceptions.NotConfirmed` when RabbitMQ refused
+the ticket's task. It raises :class:`~streamd.exceptions.NotConfirmed` when RabbitMQ refused
 one (a nack), when the connection was lost first (the tasks may or may not be queued), or at its
 timeout: the caller then hands the batch off again (its run ids are deterministic, so the claim
 check is overwritten; a stage task that is queued twice runs twice, which at-least-once allows).
@@ -42,10 +42,10 @@ POLL_S = 1.0
 
 @dataclass(frozen=True)
 class Ticket:
-    """What one hand-off published: the connection it went out on and the delivery tags to be confirmed."""
+    """One published stage task: the connection it went out on and its delivery tag there."""
 
     connection: int
-    tags: frozenset[int]
+    tag: int
 
 
 class ConfirmPipeline:
@@ -80,12 +80,12 @@ class ConfirmPipeline:
                 tag = self._next_tag
                 self._next_tag += 1
                 self._pending.add(tag)
-                return Ticket(self._generation, frozenset((tag,)))
+                return Ticket(self._generation, tag)
         raise AssertionError("unreachable")
 
     # -- confirms ---------------------------------------------------------------------------------------------------
     def wait(self, ticket: Ticket, timeout: float) -> None:
-        """Return once RabbitMQ confirmed every task of ``ticket``; raise NotConfirmed otherwise."""
+        """Return once RabbitMQ confirmed the task of ``ticket``; raise NotConfirmed otherwise."""
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
@@ -98,8 +98,8 @@ class ConfirmPipeline:
                 sock = self._conn.connection.sock
             left = deadline - time.monotonic()
             if left <= 0:
-                raise NotConfirmed(f"RabbitMQ did not confirm {len(ticket.tags)} stage task(s) within "
-                                   f"{timeout:.0f} s; check the broker (disk alarms, flow control)")
+                raise NotConfirmed(f"RabbitMQ did not confirm 1 stage task within {timeout:.0f} s; check the broker "
+                                   "(disk alarms, flow control)")
             try:
                 select.select([sock], [], [], min(left, POLL_S))
             except (OSError, ValueError):  # the socket was closed meanwhile: the next look says so
@@ -116,16 +116,15 @@ class ConfirmPipeline:
             self._drop("closing")
 
     def _settled(self, ticket: Ticket) -> bool:
-        """Under the lock: True when every tag of the ticket is confirmed; raise when one cannot be."""
+        """Under the lock: True when the ticket's task is confirmed; raise when it cannot be."""
         if ticket.connection != self._generation:
-            raise NotConfirmed("the connection to RabbitMQ was lost before it confirmed "
-                               f"{len(ticket.tags)} stage task(s); handing them off again")
-        refused = ticket.tags & self._nacked
-        if refused:
-            self._nacked -= refused
-            raise NotConfirmed(f"RabbitMQ refused {len(refused)} stage task(s) (a nack: an internal error of "
-                               "the queue); handing them off again")
-        return not ticket.tags & self._pending
+            raise NotConfirmed("the connection to RabbitMQ was lost before it confirmed 1 stage task; "
+                               "handing it off again")
+        if ticket.tag in self._nacked:
+            self._nacked.discard(ticket.tag)
+            raise NotConfirmed("RabbitMQ refused 1 stage task (a nack: an internal error of the queue); "
+                               "handing it off again")
+        return ticket.tag not in self._pending
 
     def _read(self) -> None:
         """Under the lock: handle every frame there is (confirms), without blocking; heartbeats."""

@@ -259,8 +259,11 @@ def test_a_hand_off_is_acked_once_rabbitmq_confirmed_it_and_done_again_if_not(tm
 
     async def scenario() -> None:
         assert await daemon._handoff_now(source, events, True) == 2
-        await asyncio.sleep(0.1)
-        assert not any(e.acked for e in events)  # handed off, not confirmed
+        for _ in range(500):  # until the wait for the confirm has begun (the gate holds it)
+            if waits:
+                break
+            await asyncio.sleep(0.01)
+        assert waits and not any(e.acked for e in events)  # handed off, not confirmed
         gate.set()
         for _ in range(500):
             if all(e.acked for e in events) and not daemon._confirming:
