@@ -9,7 +9,8 @@ payload is in Redis and its runs are on the broker (or it is dead-lettered);
 faust then commits the highest contiguous acked offset.
 
 Back-pressure: under ``overload: block`` the agent waits until the topic has
-room below ``max_in_flight`` (the topic's hand-off thread polls the in-flight
+room below ``max_in_flight`` for the whole batch (for ``FULL_ROOM_WAIT_S``; then
+for what fits: batches stay whole) (the topic's hand-off thread polls the in-flight
 count, ``ROOM_POLL_FIRST_S`` and then up to ``ROOM_POLL_MAX_S`` apart; each
 source topic has its own hand-off thread, so one at its bound does not hold up
 the others); faust's buffers fill and it stops fetching, so lag grows and
@@ -99,6 +100,11 @@ ROOM_POLL_FIRST_S = 0.008
 ROOM_POLL_MAX_S = 0.02
 #: Longest one wait for room in the hand-off thread; then the event loop gets the thread back and asks again.
 ROOM_WAIT_S = 0.5
+#: Seconds a batch at the bound waits for room for all its runs before it goes with what fits. Room comes a
+#: task's runs at a time (they end together), so the wait is short; handing off the part that fits instead cut
+#: the batch in two, and every batch behind it (a backlog drained in tasks of 16-28 runs rather than 32, each
+#: paying a task's fixed costs: docs/performance.md, ninth round).
+FULL_ROOM_WAIT_S = 0.1
 #: Seconds without room after which in-flight entries older than twice the frame TTL are pruned.
 STALE_CHECK_S = 5.0
 #: Hand-offs of one source topic that may wait for RabbitMQ's confirms at a time (the offsets of their events
@@ -354,15 +360,17 @@ class Daemon:
         # all of max_in_flight free: the runs handed off before have all ended (a light load)
         self._idle[topic] = room >= spec.max_in_flight
         if block:
-            if room < 1:
-                room = self._wait_room(topic)
+            need = min(len(msgs), spec.max_in_flight)
+            if room < need:
+                room = self._wait_room(topic, need)
             msgs = msgs[:max(0, room)]
         tickets = self.ingestor.handle(msgs) if msgs else []
         return len(msgs), tickets
 
-    def _wait_room(self, topic: str) -> int:
-        """In the topic's hand-off thread: poll the in-flight count until the topic has room for one more run, for
-        at most ROOM_WAIT_S (then the loop asks again: a stopping daemon is not held up); return the room.
+    def _wait_room(self, topic: str, need: int) -> int:
+        """In the topic's hand-off thread: poll the in-flight count until the topic has room for the ``need`` runs
+        of the batch, or, after FULL_ROOM_WAIT_S, for at least one; for at most ROOM_WAIT_S (then the loop asks
+        again: a stopping daemon is not held up); return the room.
 
         Polling here, not from the event loop, costs one ZCARD per look instead of a thread trip as well.
         """
@@ -372,7 +380,8 @@ class Daemon:
             time.sleep(delay)
             waited += delay
             room = self.ingestor.room(topic)
-            if room >= 1 or waited >= ROOM_WAIT_S or self._stop.is_set():
+            if (room >= need or (room >= 1 and waited >= FULL_ROOM_WAIT_S) or waited >= ROOM_WAIT_S
+                    or self._stop.is_set()):
                 break
             delay = min(delay * 2, ROOM_POLL_MAX_S)
         self._room_waited[topic] = self._room_waited.get(topic, 0.0) + waited

@@ -212,39 +212,77 @@ def test_each_source_topic_hands_off_on_its_own_thread(tmp_path: Path, redis_url
         daemon.publisher.close()
 
 
-def test_a_hand_off_is_acked_once_rabbitmq_confirmed_it_and_done_again_if_not(tmp_path: Path, redis_url: str,
-                                                                              broker_url: str) -> None:
+@dataclass
+class HandOff:
+    """A Daemon on the real Redis and RabbitMQ (its queues declared), not consuming: its hand-off is driven
+    directly, with events that ack themselves into ``acked``."""
+    daemon: Any
+    topology: dict
+    img: Any
+
+    @property
+    def source(self) -> str:
+        return str(self.topology["sources"][0]["topic"])
+
+    def event(self, offset: int) -> Any:
+        e = SimpleNamespace(message=SimpleNamespace(topic=self.source, partition=0, offset=offset), key=b"cam1",
+                            value=frame_message("cam1", offset, self.img), acked=False)
+        e.ack = lambda: setattr(e, "acked", True)
+        return e
+
+    def stage_tasks(self) -> list[Any]:
+        """Take the stage tasks out of the root stage's queue."""
+        from kombu import Connection
+
+        tasks = []
+        with Connection(self.daemon.settings.broker_url) as conn:
+            while (m := conn.default_channel.basic_get(self.daemon.topology.celery_queue("cpu"), no_ack=True)):
+                tasks.append(m)
+        return tasks
+
+
+@pytest.fixture
+def hand_off(tmp_path: Path, redis_url: str, broker_url: str, request: pytest.FixtureRequest) -> Iterator[HandOff]:
+    """``@pytest.mark.parametrize("hand_off", [edit], indirect=True)`` edits the topology first."""
+    import redis
+    from prometheus_client import CollectorRegistry
+
+    from streamd.daemon import Daemon
+    from streamd.metrics import Metrics
+    from streamd.topology import load
+
+    path, topo = make_topology(tmp_path, edit=getattr(request, "param", None))
+    settings = Settings.from_env({"STREAMD_KAFKA_BOOTSTRAP": "127.0.0.1:9", "STREAMD_REDIS_URL": redis_url,
+                                  "STREAMD_BROKER_URL": broker_url})
+    daemon = Daemon(load(path, settings=settings), settings, Metrics(CollectorRegistry()))
+    with daemon.celery.connection_for_write() as conn:
+        for q in daemon.celery.conf.task_queues:
+            q(conn.default_channel).declare()
+    try:
+        yield HandOff(daemon, topo, next(iter(camera_frames(1, 1, 10)))[2])
+    finally:
+        if daemon.confirms is not None:
+            daemon.confirms.close()
+        daemon.dispatcher.close()
+        daemon.publisher.close()
+        with daemon.celery.connection_for_write() as conn:
+            for q in daemon.celery.conf.task_queues:
+                q(conn.default_channel).delete()
+        r = redis.Redis.from_url(redis_url)
+        for key in r.scan_iter(f"streamd:{daemon.topology.name}:*"):
+            r.delete(key)
+
+
+def test_a_hand_off_is_acked_once_rabbitmq_confirmed_it_and_done_again_if_not(hand_off: HandOff) -> None:
     """The hand-off returns before RabbitMQ's confirm; its events are acked only once the confirm came. A
     confirm that cannot come (the connection was lost) hands the events off again."""
     import threading
 
-    import redis
-    from kombu import Connection
-    from prometheus_client import CollectorRegistry
-
-    from streamd.daemon import Daemon
     from streamd.exceptions import NotConfirmed
-    from streamd.metrics import Metrics
-    from streamd.topology import load
 
-    path, topo = make_topology(tmp_path)
-    settings = Settings.from_env({"STREAMD_KAFKA_BOOTSTRAP": "127.0.0.1:9", "STREAMD_REDIS_URL": redis_url,
-                                  "STREAMD_BROKER_URL": broker_url})
-    daemon = Daemon(load(path, settings=settings), settings, Metrics(CollectorRegistry()))
+    daemon = hand_off.daemon
     assert daemon.confirms is not None  # on RabbitMQ, by default
-    with daemon.celery.connection_for_write() as conn:
-        for q in daemon.celery.conf.task_queues:
-            q(conn.default_channel).declare()
-    source = topo["sources"][0]["topic"]
-    img = next(iter(camera_frames(1, 1, 10)))[2]
-
-    def event(offset: int) -> Any:
-        e = SimpleNamespace(message=SimpleNamespace(topic=source, partition=0, offset=offset), key=b"cam1",
-                            value=frame_message("cam1", offset, img), acked=False)
-        e.ack = lambda: setattr(e, "acked", True)
-        return e
-
-    events = [event(0), event(1)]
+    events = [hand_off.event(0), hand_off.event(1)]
     gate, waits = threading.Event(), []
     real_wait = daemon.confirms.wait
 
@@ -258,7 +296,7 @@ def test_a_hand_off_is_acked_once_rabbitmq_confirmed_it_and_done_again_if_not(tm
     daemon.confirms.wait = wait  # type: ignore[method-assign]
 
     async def scenario() -> None:
-        assert await daemon._handoff_now(source, events, True) == 2
+        assert await daemon._handoff_now(hand_off.source, events, True) == 2
         for _ in range(500):  # until the wait for the confirm has begun (the gate holds it)
             if waits:
                 break
@@ -270,25 +308,67 @@ def test_a_hand_off_is_acked_once_rabbitmq_confirmed_it_and_done_again_if_not(tm
                 break
             await asyncio.sleep(0.01)
 
-    try:
-        asyncio.run(scenario())
-        assert all(e.acked for e in events)
-        assert len(waits) == 2  # handed off a second time, and that one confirmed
-        with Connection(broker_url) as conn:
-            tasks = 0
-            while conn.default_channel.basic_get(daemon.topology.celery_queue("cpu"), no_ack=True) is not None:
-                tasks += 1
-        assert tasks == 2  # one stage task per hand-off (a worker skips runs already settled)
-    finally:
-        daemon.confirms.close()
-        daemon.dispatcher.close()
-        daemon.publisher.close()
-        with daemon.celery.connection_for_write() as conn:
-            for q in daemon.celery.conf.task_queues:
-                q(conn.default_channel).delete()
-        r = redis.Redis.from_url(redis_url)
-        for key in r.scan_iter(f"streamd:{daemon.topology.name}:*"):
-            r.delete(key)
+    asyncio.run(scenario())
+    assert all(e.acked for e in events)
+    assert len(waits) == 2  # handed off a second time, and that one confirmed
+    assert len(hand_off.stage_tasks()) == 2  # one stage task per hand-off (a worker skips runs already settled)
+
+
+def _max_in_flight_8(data: dict) -> None:
+    data["sources"][0]["max_in_flight"] = 8
+
+
+@pytest.mark.parametrize("hand_off", [_max_in_flight_8], indirect=True)
+def test_a_batch_at_the_bound_waits_for_room_for_all_its_runs_then_takes_what_fits(
+        hand_off: HandOff, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under block, a batch waits for room for all its runs instead of handing off the part that fits now:
+    room comes a task's runs at a time, and a batch cut in two would cut every batch behind it. After
+    FULL_ROOM_WAIT_S it takes what fits, so runs that never end cannot hold a topic up for long."""
+    import concurrent.futures
+    import json
+
+    import redis
+
+    from streamd import daemon as daemon_module
+    from streamd.keys import Keys
+    from streamd.runs import member
+
+    daemon, source = hand_off.daemon, hand_off.source
+    client = redis.Redis.from_url(daemon.settings.redis_url)
+    inflight = Keys(daemon.topology.name).inflight(source)
+    held = [member(SimpleNamespace(run_id=f"held{i}", origin=SimpleNamespace(partition=1, offset=i),
+                                   source="cam-held")) for i in range(6)]  # type: ignore[arg-type]
+    client.zadd(inflight, {m: time.time() for m in held})  # 6 of 8 in flight: room for 2
+    looks: list[int] = []
+    room = daemon.ingestor.room
+
+    def look(topic: str) -> int:  # the real reading, remembered
+        looks.append(room(topic))
+        return looks[-1]
+
+    daemon.ingestor.room = look  # type: ignore[method-assign]
+
+    def msgs(first: int, n: int) -> list[Any]:
+        from streamd.ingest import InMessage
+
+        return [InMessage(source, 0, o, b"cam1", hand_off.event(o).value) for o in range(first, first + n)]
+
+    def sizes() -> list[int]:
+        return [len(json.loads(t.body)[0][2]["runs"]) for t in hand_off.stage_tasks()]  # args: topology, stage, batch
+
+    monkeypatch.setattr(daemon_module, "FULL_ROOM_WAIT_S", 60.0)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        done = pool.submit(daemon._handoff_sync, source, msgs(0, 4), True)
+        wait_for(lambda: len(looks) >= 3, timeout=10, what="the hand-off looking for room again")
+        assert not done.done() and looks[-1] == 2  # room for 2 of the 4: it waits
+        client.zrem(inflight, *held[:2])  # a task's runs ended: room for 4
+        n, _ = done.result(timeout=10)
+    assert n == 4 and sizes() == [4]  # the batch went whole, as one task
+
+    monkeypatch.setattr(daemon_module, "FULL_ROOM_WAIT_S", 0.05)
+    client.zrem(inflight, *held[2:4])  # 2 held and the 4 runs in flight: room for 2
+    n, _ = daemon._handoff_sync(source, msgs(4, 4), True)
+    assert n == 2 and sizes() == [2]  # the room never came: what fits went
 
 
 def test_assignment_is_gauged_per_source_topic(tmp_path: Path, redis_url: str, broker_url: str,
