@@ -5,8 +5,12 @@ Settings that carry streamd's delivery guarantees (see docs/reliability.md):
 * ``task_acks_late`` + ``task_reject_on_worker_lost``: a task is acknowledged
   after it ran, and a worker killed mid-task (SIGKILL, OOM) gives it back to
   the broker, which redelivers it to another worker.
-* ``worker_prefetch_multiplier=1``: a worker holds one task per process, so a
-  long inference does not idle tasks behind it.
+* ``worker_prefetch_multiplier`` = ``STREAMD_WORKER_PREFETCH`` (2) with ``-O fair``:
+  a worker holds the running task and the next one per process, and gives a
+  task only to a free process; the next is in hand when a task ends, instead
+  of an ack and a delivery later (the gap between a pool process's tasks: 2.8
+  against 1.9 ms median; drains +3 %, docs/performance.md, ninth round). At
+  most one batch per process waits behind a running one (1: none).
 * ``confirm_publish``: a worker's dispatch of a child stage returns only when
   RabbitMQ has the message (the task is acknowledged after it). The daemon
   publishes its root stages on a connection of its own and waits for the
@@ -57,7 +61,7 @@ def make_celery(topology: Topology, settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,
-        worker_prefetch_multiplier=1,
+        worker_prefetch_multiplier=settings.worker_prefetch,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         worker_send_task_events=False,

@@ -93,3 +93,14 @@ def test_backlog_counts_the_tasks_waiting_in_every_queue(setup, broker_url):
     assert dispatcher.backlog() == 3  # messages, not runs
     _get(broker_url, topo.celery_queue("gpu"))
     assert dispatcher.backlog() == 2
+
+
+def test_the_app_carries_the_delivery_guarantees_and_the_prefetch_setting(tmp_path: Path) -> None:
+    """Late acks and redelivery on a lost worker (docs/reliability.md); the prefetch from STREAMD_WORKER_PREFETCH."""
+    path, _ = make_topology(tmp_path)
+    topo = load(path, settings=Settings())
+    conf = make_celery(topo, Settings()).conf
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    assert conf.accept_content == ["json"]
+    assert conf.worker_prefetch_multiplier == 2  # the running task and the next, per process
+    assert make_celery(topo, Settings.from_env({"STREAMD_WORKER_PREFETCH": "1"})).conf.worker_prefetch_multiplier == 1
