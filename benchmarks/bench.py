@@ -96,13 +96,13 @@ COMPARE_VARIANTS = (
     Variant("fusion on, batch 1", {"fusion": True, "batch.max_size": 1}),
     Variant("fusion off, batch 1", {"fusion": False, "batch.max_size": 1}),
 )
-#: ``--experiments``: what this round's change (docs/performance.md) is worth: the daemon's hand-off not waiting for
-#: RabbitMQ's publisher confirms, on the same machine, minutes apart. *As shipped* runs first and last, to show
-#: the drift between.
+#: ``--experiments``: what this round's switchable change (docs/performance.md) is worth: each pool process's next
+#: stage task held in the worker (``STREAMD_WORKER_PREFETCH``), on the same machine, minutes apart. *As shipped*
+#: runs first and last, to show the drift between. (The round's other change, batches that wait for room for all
+#: their runs, has no switch: its A/B ran the code before and after it, experiments.txt of round 9.)
 EXPERIMENT_VARIANTS = (
-    Variant("as shipped: hand-offs do not wait for confirms"),
-    Variant("each hand-off waits for its confirm (STREAMD_PIPELINED_CONFIRMS=0)",
-            env={"STREAMD_PIPELINED_CONFIRMS": "0"}),
+    Variant("as shipped: a next task held per pool process"),
+    Variant("none held (STREAMD_WORKER_PREFETCH=1)", env={"STREAMD_WORKER_PREFETCH": "1"}),
     Variant("as shipped, again"),
 )
 
