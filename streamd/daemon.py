@@ -293,15 +293,16 @@ class Daemon:
 
     async def _handoff(self, topic: str, events: list[Any]) -> None:
         block = self.topology.source(topic).overload == "block"
-        while events:  # under block: hand off as many as there is room for, in order, then wait for more
+        while events:  # under block: hand off what there is room for (the whole batch, if it comes), then the rest
             done = await self._handoff_now(topic, events, block)
             events = events[done:]
             if events and self._stop.is_set():
                 return  # stopping: what was not handed off is not acked, so not committed (the next daemon reads it)
 
     async def _handoff_now(self, topic: str, events: list[Any], block: bool) -> int:
-        """Hand off the events (under block: as many as there is room for, once there is some, waiting at
-        most ROOM_WAIT_S), in one trip to the hand-off thread; return how many. They are acked once RabbitMQ
+        """Hand off the events (under block: all of them once there is room for all, or after FULL_ROOM_WAIT_S as
+        many as there is room for, waiting at most ROOM_WAIT_S), in one trip to the hand-off thread; return how
+        many. They are acked once RabbitMQ
         confirmed their stage tasks: at once when the hand-off waited for that itself, else by a wait of
         its own, while the next hand-offs go on (at most MAX_UNCONFIRMED of a topic wait at a time)."""
         loop = asyncio.get_running_loop()
