@@ -143,7 +143,9 @@ class Demo:
     def camera_producer(bootstrap: str) -> Producer:
         """The cameras' producer, made early: an idempotent producer first gets its producer id from the
         broker, and frames given to it before that wait (their latency would show it)."""
-        p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
+        # log.connection.close: the demo stops its broker while this producer still holds an idle connection
+        p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5,
+                      "log.connection.close": False})
         p.poll(0)
         return p
 
