@@ -9,11 +9,11 @@ payload is in Redis and its runs are on the broker (or it is dead-lettered);
 faust then commits the highest contiguous acked offset.
 
 Back-pressure: under ``overload: block`` the agent waits until the topic has
-room below ``max_in_flight`` for the whole batch (for ``FULL_ROOM_WAIT_S``; then
-for what fits: batches stay whole) (the topic's hand-off thread polls the in-flight
+room below ``max_in_flight`` for the whole batch, so that batches stay whole
+(after ``FULL_ROOM_WAIT_S`` it takes what fits). The topic's hand-off thread polls the in-flight
 count, ``ROOM_POLL_FIRST_S`` and then up to ``ROOM_POLL_MAX_S`` apart; each
 source topic has its own hand-off thread, so one at its bound does not hold up
-the others); faust's buffers fill and it stops fetching, so lag grows and
+the others. Meanwhile faust's buffers fill and it stops fetching, so lag grows and
 nothing is dropped.
 
 Micro-batches: a batch is cut ``batch.max_wait_ms`` after its first event
@@ -302,9 +302,9 @@ class Daemon:
     async def _handoff_now(self, topic: str, events: list[Any], block: bool) -> int:
         """Hand off the events (under block: all of them once there is room for all, or after FULL_ROOM_WAIT_S as
         many as there is room for, waiting at most ROOM_WAIT_S), in one trip to the hand-off thread; return how
-        many. They are acked once RabbitMQ
-        confirmed their stage tasks: at once when the hand-off waited for that itself, else by a wait of
-        its own, while the next hand-offs go on (at most MAX_UNCONFIRMED of a topic wait at a time)."""
+        many. They are acked once RabbitMQ confirmed their stage tasks: at once when the hand-off waited for that
+        itself, else by a wait of its own, while the next hand-offs go on (at most MAX_UNCONFIRMED of a topic wait
+        at a time)."""
         loop = asyncio.get_running_loop()
         msgs = [InMessage(e.message.topic, e.message.partition, e.message.offset, e.key, e.value) for e in events]
         unconfirmed = self._unconfirmed[topic]

@@ -357,6 +357,7 @@ def test_a_batch_at_the_bound_waits_for_room_for_all_its_runs_then_takes_what_fi
         return [len(json.loads(t.body)[0][2]["runs"]) for t in hand_off.stage_tasks()]  # args: topology, stage, batch
 
     monkeypatch.setattr(daemon_module, "FULL_ROOM_WAIT_S", 60.0)
+    monkeypatch.setattr(daemon_module, "ROOM_WAIT_S", 60.0)  # one trip to the thread must not end the wait either
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         done = pool.submit(daemon._handoff_sync, source, msgs(0, 4), True)
         wait_for(lambda: len(looks) >= 3, timeout=10, what="the hand-off looking for room again")
@@ -366,6 +367,7 @@ def test_a_batch_at_the_bound_waits_for_room_for_all_its_runs_then_takes_what_fi
     assert n == 4 and sizes() == [4]  # the batch went whole, as one task
 
     monkeypatch.setattr(daemon_module, "FULL_ROOM_WAIT_S", 0.05)
+    monkeypatch.setattr(daemon_module, "ROOM_WAIT_S", 0.5)
     client.zrem(inflight, *held[2:4])  # 2 held and the 4 runs in flight: room for 2
     n, _ = daemon._handoff_sync(source, msgs(4, 4), True)
     assert n == 2 and sizes() == [2]  # the room never came: what fits went
