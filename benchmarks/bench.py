@@ -96,13 +96,13 @@ COMPARE_VARIANTS = (
     Variant("fusion on, batch 1", {"fusion": True, "batch.max_size": 1}),
     Variant("fusion off, batch 1", {"fusion": False, "batch.max_size": 1}),
 )
-#: ``--experiments``: what this round's switchable change (docs/performance.md) is worth: each pool process's next
-#: stage task held in the worker (``STREAMD_WORKER_PREFETCH``), on the same machine, minutes apart. *As shipped*
-#: runs first and last, to show the drift between. (The round's other change, batches that wait for room for all
-#: their runs, has no switch: its A/B ran the code before and after it, experiments.txt of round 9.)
+#: ``--experiments``: what this round's switchable change (docs/performance.md) is worth: a worker on the CPU with one
+#: pool process per core plus one, one per core computing at a time (``STREAMD_WORKER_COMPUTE_SLOTS``), against one
+#: process per core (the ninth landing's layout), on the same machine, minutes apart. *As shipped* runs first and
+#: last, to show the drift between.
 EXPERIMENT_VARIANTS = (
-    Variant("as shipped: a next task held per pool process"),
-    Variant("none held (STREAMD_WORKER_PREFETCH=1)", env={"STREAMD_WORKER_PREFETCH": "1"}),
+    Variant("as shipped: cores + 1 pool processes, cores computing at a time"),
+    Variant("one process per core, no gate", env={"STREAMD_WORKER_CONCURRENCY": str(os.cpu_count() or 1)}),
     Variant("as shipped, again"),
 )
 

@@ -37,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--pool", choices=("prefork", "solo", "threads"), default=None,
                    help="Celery pool (default prefork; solo measured ~6x slower, docs/performance.md)")
     w.add_argument("--concurrency", "-c", type=int, default=None,
-                   help="processes (default: 1 when serving gpu on a GPU, else one per core)")
+                   help="processes (default: 1 when serving gpu on a GPU, else one per core plus one, one per core "
+                        "computing at a time: STREAMD_WORKER_COMPUTE_SLOTS)")
 
     v = sub.add_parser("validate", help="check a topology; errors name the Node and the YAML path")
     v.add_argument("topology", nargs="+", help="topology YAML file(s)")

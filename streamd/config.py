@@ -52,7 +52,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("STREAMD_KAFKA_SSL_CA_LOCATION", "", "CA bundle for Kafka TLS"),
     Variable("STREAMD_ONNX_PROVIDERS", "", "execution providers to try, e.g. tensorrt,cuda,cpu (default: per Node)"),
     Variable("STREAMD_ONNX_THREADS", "0", "intra-op threads per worker process (0: cores / processes; 1 for gpu)"),
-    Variable("STREAMD_WORKER_CONCURRENCY", "0", "processes per worker (0: 1 for gpu, cores for cpu)"),
+    Variable("STREAMD_WORKER_CONCURRENCY", "0", "processes per worker (0: 1 for gpu, cores + 1 for cpu)"),
+    Variable("STREAMD_WORKER_COMPUTE_SLOTS", "0",
+             "pool processes of a worker that run Nodes at once (0: cores); more processes wait for a slot"),
     Variable("STREAMD_WORKER_PREFETCH", "2",
              "stage tasks a worker holds per process: the running one and the next, ready when it ends (1: none)"),
     Variable("STREAMD_MALLOC_TUNING", "1",
@@ -135,6 +137,7 @@ class Settings:
     onnx_providers: tuple[str, ...] = ()
     onnx_threads: int = 0
     worker_concurrency: int = 0
+    worker_compute_slots: int = 0
     worker_prefetch: int = 2
     malloc_tuning: bool = True
     gc_freeze: bool = True
@@ -184,6 +187,7 @@ class Settings:
             onnx_providers=providers,
             onnx_threads=_int(env, "STREAMD_ONNX_THREADS"),
             worker_concurrency=_int(env, "STREAMD_WORKER_CONCURRENCY"),
+            worker_compute_slots=_int(env, "STREAMD_WORKER_COMPUTE_SLOTS"),
             worker_prefetch=_int(env, "STREAMD_WORKER_PREFETCH", minimum=1),
             malloc_tuning=_switch(env, "STREAMD_MALLOC_TUNING"),
             gc_freeze=_switch(env, "STREAMD_GC_FREEZE"),

@@ -15,6 +15,10 @@
    one (``in_process``, see :func:`streamd.dag.in_process`), runs right here
    on the outputs in memory instead: no Redis, no broker. If it fails, its
    inputs are stored and it is dispatched after all, to retry as a task.
+
+A worker with more pool processes than compute slots (:mod:`streamd.gate`)
+holds a slot while Nodes run and gives it back before the task waits: before
+a sink Node, before storing outputs and dispatching, and when the task ends.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from . import tp
 from .dag import Plan, Stage
 from .deadletters import DeadLetter, DeadLetterSink
 from .exceptions import BadInput, StreamdError
+from .gate import NO_GATE, Gate
 from .nodes.base import SOURCE, Node, RunContext
 from .runs import Batch, RunStore
 from .values import pack_value
@@ -53,12 +58,14 @@ class Retry(Exception):
 class StageExecutor:
     def __init__(self, *, topology: str, plan: Plan, nodes: Mapping[str, Node], store: RunStore,
                  dead_letters: DeadLetterSink, dispatch: Dispatch, metrics: Any = None,
-                 shedding_topics: Collection[str] | None = None, in_process: Collection[str] = ()) -> None:
+                 shedding_topics: Collection[str] | None = None, in_process: Collection[str] = (),
+                 gate: Gate = NO_GATE) -> None:
         """``shedding_topics``: the source topics whose runs may be shed while in flight
         (``Topology.shedding_topics``); a sink stage looks for their tombstones. None: look always.
         ``in_process``: the stages this process runs itself, right after their parent stage, instead of
-        dispatching them (:func:`streamd.dag.in_process`)."""
+        dispatching them (:func:`streamd.dag.in_process`). ``gate``: the worker's compute gate."""
         self.topology = topology
+        self.gate = gate
         self.in_process = frozenset(in_process)
         self.shedding_topics = shedding_topics
         self.plan = plan
@@ -87,7 +94,10 @@ class StageExecutor:
     def run(self, stage_id: str, batch: Batch, *, final_attempt: bool, redelivered: bool = False) -> None:
         stage = self.plan.stages[stage_id]
         runs, inputs, letters = self._inputs(stage, batch)
-        self._run(stage, batch, runs, inputs, letters, final_attempt=final_attempt, redelivered=redelivered)
+        try:
+            self._run(stage, batch, runs, inputs, letters, final_attempt=final_attempt, redelivered=redelivered)
+        finally:
+            self.gate.leave()
 
     def _run(self, stage: Stage, batch: Batch, runs: list[RunContext], inputs: list[dict[str, Any]],
              letters: list[DeadLetter], *, final_attempt: bool, redelivered: bool) -> None:
@@ -113,6 +123,7 @@ class StageExecutor:
         sent = [c for c in stage.children if c not in self.in_process]
         ready: list[bool] = []
         if sent and runs:
+            self.gate.leave()  # Redis and the broker: another process computes meanwhile
             runs, inputs, ready, bad = self._store_outputs(stage, batch, runs, inputs, sent, redelivered)
             letters += bad
         self._dead_letter(batch, letters)
@@ -235,6 +246,10 @@ class StageExecutor:
     def _call(self, node_id: str, runs: list[RunContext], inputs: list[dict[str, Any]], *,
               final_attempt: bool) -> tuple[list[RunContext], list[Any], list[DeadLetter]]:
         node = self._node(node_id)
+        if node.is_sink:
+            self.gate.leave()  # a sink waits for its service (Kafka's acks): another process computes meanwhile
+        else:
+            self.gate.enter()
         t0 = time.perf_counter()
         try:
             outs = node.process_batch(runs, inputs)

@@ -141,6 +141,13 @@ class Metrics:
             ["topology", "stage"],
             registry=r,
         )
+        self.compute_slot_wait = Counter(
+            "streamd_compute_slot_wait_seconds_total",
+            "Seconds worker processes waited for a compute slot (STREAMD_WORKER_COMPUTE_SLOTS) before running "
+            "Nodes; near (processes - slots) per second the worker's CPUs are saturated",
+            ["topology"],
+            registry=r,
+        )
         self.stages_in_process = Counter(
             "streamd_stages_in_process_total",
             "Stage runs a worker did itself right after their parent stage, without the broker (outcome ran), "

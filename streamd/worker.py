@@ -4,12 +4,14 @@ Pool and concurrency per queue (override with --pool/--concurrency or
 STREAMD_WORKER_CONCURRENCY): a worker that serves ``gpu`` runs one prefork
 process (one ONNX Runtime session, one GPU context) where ONNX Runtime can use
 CUDA or TensorRT; where it cannot (no onnxruntime-gpu, or ``STREAMD_ONNX_PROVIDERS``
-puts the CPU first), its models run on the CPU, and it runs one process per core
-like a ``cpu`` worker, since one process would leave the other cores idle
-(docs/performance.md). Each process builds the topology's Nodes after the
-fork, loads and warms up its models at start, and sets ONNX Runtime's
-intra-op threads to cores / processes (1 for a gpu worker) so processes do
-not oversubscribe the machine.
+puts the CPU first), its models run on the CPU, and it runs like a ``cpu``
+worker, since one process would leave the other cores idle (docs/performance.md):
+one process per core plus one, of which one per core runs Nodes at a time
+(``STREAMD_WORKER_COMPUTE_SLOTS``, :mod:`streamd.gate`), so that a task's
+waits overlap another's compute. Each process builds the topology's Nodes after
+the fork, loads and warms up its models at start, and sets ONNX Runtime's
+intra-op threads to cores / processes computing at once (1 for a gpu worker)
+so processes do not oversubscribe the machine.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .dag import in_process, plan
 from .deadletters import DeadLetter, DeadLetterSink
 from .exceptions import ConfigError, StreamdError
 from .executor import Retry, StageExecutor
+from .gate import NO_GATE, ComputeGate, Gate, pool_index
 from .kafka import Publisher
 from .memory import freeze_heap
 from .metrics import Metrics
@@ -37,7 +40,7 @@ from .runs import Batch, RunStore
 from .shutdown import start_drain_watchdog
 from .topology import Topology
 
-__all__ = ["WorkerRuntime", "build_worker_app", "run_worker", "choose_pool"]
+__all__ = ["WorkerRuntime", "build_worker_app", "run_worker", "choose_pool", "compute_slots"]
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +53,10 @@ class WorkerRuntime:
 
     Everything is created in the process that uses it (after a prefork fork)."""
 
-    def __init__(self, topology: Topology, settings: Settings, queues: list[str], metrics: Metrics | None) -> None:
+    def __init__(self, topology: Topology, settings: Settings, queues: list[str], metrics: Metrics | None,
+                 gate: Gate = NO_GATE) -> None:
         self.topology = topology
+        self.gate = gate
         self.settings = settings
         self.queues = queues
         self.metrics = metrics
@@ -85,7 +90,8 @@ class WorkerRuntime:
                                      store=self.store, dead_letters=self.dead_letters,
                                      dispatch=Dispatcher(self.app, self.topology), metrics=self.metrics,
                                      shedding_topics=self.topology.shedding_topics(),
-                                     in_process=in_process(self.plan, self.topology, self.queues))
+                                     in_process=in_process(self.plan, self.topology, self.queues),
+                                     gate=self.gate)
             executor.setup(self.queues)
             self.publisher.warm()  # the producer id is fetched while the process waits for its first task
             self._executor = executor
@@ -121,9 +127,11 @@ class WorkerRuntime:
 
 
 def build_worker_app(topology: Topology, settings: Settings, queues: list[str],
-                     metrics: Metrics | None = None) -> tuple[Celery, WorkerRuntime]:
+                     metrics: Metrics | None = None, gate: Gate = NO_GATE) -> tuple[Celery, WorkerRuntime]:
+    """The worker's Celery app and its per-process runtime. ``gate``: the compute gate of its pool, made
+    here, in the main process, before the pool forks (:func:`compute_gate`)."""
     app = make_celery(topology, settings)
-    runtime = WorkerRuntime(topology, settings, queues, metrics)
+    runtime = WorkerRuntime(topology, settings, queues, metrics, gate)
     runtime.app = app
 
     @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
@@ -168,6 +176,8 @@ def build_worker_app(topology: Topology, settings: Settings, queues: list[str],
 
     @signals.worker_process_init.connect(weak=False)
     def _init_process(**_: Any) -> None:  # prefork child: load and warm up the models now
+        if isinstance(gate, ComputeGate):
+            gate.attach(pool_index())  # gives back a slot that the process this one replaces died holding
         try:
             runtime.executor()
         except Exception:  # noqa: BLE001 - the first task retries, then dead-letters its runs
@@ -191,15 +201,31 @@ def build_worker_app(topology: Topology, settings: Settings, queues: list[str],
 def choose_pool(queues: list[str], settings: Settings, pool: str | None, concurrency: int | None, *,
                 cuda: bool | None = None) -> tuple[str, int]:
     """Pool and processes: ``--concurrency``, else STREAMD_WORKER_CONCURRENCY, else one process for a worker
-    that serves ``gpu`` on a GPU, one per core otherwise. ``cuda``: whether the models can use CUDA
-    (None: ask ONNX Runtime, :func:`cuda_usable`)."""
+    that serves ``gpu`` on a GPU, one per core plus one otherwise (one per core computes at a time:
+    :func:`compute_slots`). ``cuda``: whether the models can use CUDA (None: ask ONNX Runtime,
+    :func:`cuda_usable`)."""
     cores = os.cpu_count() or 1
     if concurrency is None or concurrency <= 0:
         concurrency = settings.worker_concurrency
     if not concurrency:
         on_gpu = "gpu" in queues and (cuda_usable(settings) if cuda is None else cuda)
-        concurrency = 1 if on_gpu else cores
+        concurrency = 1 if on_gpu else cores + 1
     return pool or "prefork", concurrency
+
+
+def compute_slots(settings: Settings, pool: str, concurrency: int) -> int | None:
+    """How many of a prefork pool's processes may run Nodes at once: STREAMD_WORKER_COMPUTE_SLOTS, else the
+    cores; None (no gate) when that is not fewer than the processes, or the pool is not prefork."""
+    slots = settings.worker_compute_slots or os.cpu_count() or 1
+    return slots if pool == "prefork" and concurrency > slots else None
+
+
+def compute_gate(slots: int | None, concurrency: int, metrics: Metrics | None, topology: str) -> Gate:
+    """The pool's compute gate (to make in the main process, before the pool forks); NO_GATE for None."""
+    if slots is None:
+        return NO_GATE
+    waited = metrics.compute_slot_wait.labels(topology) if metrics is not None else None
+    return ComputeGate(slots, concurrency, on_wait=waited.inc if waited is not None else None)
 
 
 def cuda_usable(settings: Settings) -> bool:
@@ -226,12 +252,15 @@ def run_worker(topology: Topology, settings: Settings, queues: list[str], *, poo
         )
     cuda = cuda_usable(settings)
     pool, concurrency = choose_pool(queues, settings, pool, concurrency, cuda=cuda)
+    slots = compute_slots(settings, pool, concurrency)
     if not settings.onnx_threads:
         # A gpu worker's model runs on the GPU; on a CPU fallback one thread leaves the cores to the cpu
-        # workers next to it (measured: benchmarks/, docs/performance.md). A cpu pool splits the cores.
-        threads = 1 if "gpu" in queues else max(1, (os.cpu_count() or 1) // concurrency)
+        # workers next to it (measured: benchmarks/, docs/performance.md). A cpu pool splits the cores
+        # between the processes that compute at once.
+        threads = 1 if "gpu" in queues else max(1, (os.cpu_count() or 1) // (slots or concurrency))
         settings = replace(settings, onnx_threads=threads)
-    app, _ = build_worker_app(topology, settings, queues, metrics)
+    app, _ = build_worker_app(topology, settings, queues, metrics,
+                              compute_gate(slots, concurrency, metrics, topology.name))
     argv = [
         "worker",
         "-Q", ",".join(topology.celery_queue(q) for q in queues),
@@ -243,7 +272,8 @@ def run_worker(topology: Topology, settings: Settings, queues: list[str], *, poo
         "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]
     note = " (no CUDA here: the gpu queue's models run on the CPU)" if "gpu" in queues and not cuda else ""
-    log.info("worker for %s: queues %s, pool %s x%d, ONNX threads %d%s", topology.name, ",".join(queues), pool,
-             concurrency, settings.onnx_threads, note)
+    gated = f", {slots} computing at a time" if slots else ""
+    log.info("worker for %s: queues %s, pool %s x%d%s, ONNX threads %d%s", topology.name, ",".join(queues), pool,
+             concurrency, gated, settings.onnx_threads, note)
     app.worker_main(argv)
     return 0

@@ -24,6 +24,7 @@ def test_design_defaults():
     assert s.onnx_providers == ()
     assert s.onnx_threads == 0
     assert s.worker_concurrency == 0
+    assert s.worker_compute_slots == 0
     assert s.worker_prefetch == 2
     assert s.models_dir == ""
     assert s.group_id == ""
@@ -57,6 +58,7 @@ def test_from_env_parses_values():
         "STREAMD_ONNX_PROVIDERS": " TensorRT, cuda ,,cpu ",
         "STREAMD_ONNX_THREADS": "2",
         "STREAMD_WORKER_CONCURRENCY": "4",
+        "STREAMD_WORKER_COMPUTE_SLOTS": "3",
         "STREAMD_WORKER_PREFETCH": "1",
         "STREAMD_MODELS_DIR": "/models",
     })
@@ -73,6 +75,7 @@ def test_from_env_parses_values():
     assert s.onnx_providers == ("tensorrt", "cuda", "cpu")
     assert s.onnx_threads == 2
     assert s.worker_concurrency == 4
+    assert s.worker_compute_slots == 3
     assert s.worker_prefetch == 1
     assert s.models_dir == "/models"
 
@@ -126,6 +129,8 @@ def test_from_env_reads_os_environ_by_default(monkeypatch):
         ("STREAMD_ONNX_THREADS", "-2"),
         ("STREAMD_ONNX_THREADS", "many"),
         ("STREAMD_WORKER_CONCURRENCY", "1.5"),
+        ("STREAMD_WORKER_COMPUTE_SLOTS", "-1"),
+        ("STREAMD_WORKER_COMPUTE_SLOTS", "two"),
         ("STREAMD_WORKER_PREFETCH", "0"),
         ("STREAMD_MALLOC_TUNING", "maybe"),
     ],

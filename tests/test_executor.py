@@ -39,6 +39,33 @@ TOPIC = "sensors.in"
 RECORDED: list[tuple[str, str, dict[str, Any]]] = []
 
 
+class RecordingGate:
+    """A compute gate for one process that records what the executor asks of it, and what the Nodes see."""
+
+    def __init__(self) -> None:
+        self.held = False
+        self.log: list[str] = []
+
+    def enter(self) -> None:
+        if not self.held:
+            self.held = True
+            self.log.append("enter")
+
+    def leave(self) -> None:
+        if self.held:
+            self.held = False
+            self.log.append("leave")
+
+
+#: Set by a test: each Node call is logged in it as "<node id>:held" or "<node id>:free".
+GATE: RecordingGate | None = None
+
+
+def _probe(node_id: str) -> None:
+    if GATE is not None:
+        GATE.log.append(f"{node_id}:{'held' if GATE.held else 'free'}")
+
+
 def _value(inputs: Any) -> int:
     if SOURCE in inputs:
         return int(inputs[SOURCE]["seq"])
@@ -48,6 +75,7 @@ def _value(inputs: Any) -> int:
 
 class Double(Node):
     def process(self, run: RunContext, inputs: Any) -> Any:
+        _probe(self.node_id)
         return _value(inputs) * 2
 
 
@@ -69,6 +97,7 @@ class Flaky(Node):
         self.fail_seqs = set(self.param("fail_seqs", [], kind=list))
 
     def process(self, run: RunContext, inputs: Any) -> Any:
+        _probe(self.node_id)
         if run.seq in self.fail_seqs:
             raise RuntimeError(f"device busy on seq {run.seq}")
         return _value(inputs) + 1
@@ -80,6 +109,7 @@ class Recorder(Node):
     is_sink = True
 
     def process(self, run: RunContext, inputs: Any) -> Any:
+        _probe(self.node_id)
         RECORDED.append((self.node_id, run.run_id, dict(inputs)))
         return None
 
@@ -393,6 +423,52 @@ def test_sink_stage_finishes_runs(make):
     assert h.store.frames([r.run_id for r in batch.runs]) == [None, None, None]
     # the batch's intermediate outputs are gone too
     assert h.store.outputs(batch.batch_id, list(h.plan.order)) == [None] * 4
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> RecordingGate:
+    probe = RecordingGate()
+    monkeypatch.setattr(f"{__name__}.GATE", probe)
+    return probe
+
+
+def test_nodes_compute_under_the_gate_and_the_task_waits_outside_it(make, gate):
+    """A slot is held from the first Node to the stage's last, given back before storing outputs and
+    dispatching, before a sink (which waits for its service), and when the task ends (streamd.gate)."""
+    h = make()
+    h.executor.gate = gate
+    batch = h.admit([2])
+    h.executor.run("check", batch, final_attempt=True)
+    assert gate.log == ["enter", "double:held", "leave"]  # check (RejectOdd) entered it; held until the outputs
+    assert len(h.calls) == 2  # stored and dispatched after that
+    gate.log.clear()
+    h.drain()  # left, right, then the sink (a join)
+    assert gate.log == ["enter", "left:held", "leave", "enter", "right:held", "leave", "sink:free"]
+    assert h.recorded() == {2: {"left": 8, "right": 5}}
+
+
+def test_a_failing_task_gives_its_slot_back(make, gate):
+    h = make(fail_seqs=[2])
+    h.executor.gate = gate
+    batch = h.admit([2])
+    h.executor.run("check", batch, final_attempt=False)
+    gate.log.clear()
+    with pytest.raises(Retry):
+        h.executor.run("right", batch, final_attempt=False)
+    assert gate.log == ["enter", "right:held", "leave"]
+    assert not gate.held
+
+
+def test_an_in_process_stage_runs_on_its_parents_slot(make, gate):
+    h = make(queues=("cpu", "side"))  # every stage on a served queue: the branches run in-process
+    h.executor.gate = gate
+    batch = h.admit([2])
+    h.executor.run("check", batch, final_attempt=True)
+    # left runs here on the slot taken for check; each branch stores its outputs for the join without it
+    assert gate.log == ["enter", "double:held", "left:held", "leave", "enter", "right:held", "leave"]
+    gate.log.clear()
+    h.drain()
+    assert gate.log == ["sink:free"]
 
 
 def test_fused_join_waits_for_its_outside_parent_and_reads_its_outputs(make):

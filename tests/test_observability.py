@@ -298,7 +298,8 @@ def test_prometheus_sees_inference_by_provider_and_one_latency_sample_per_result
         # produced return data.
         # (rate() needs two scrapes of a series: the last ones may be just a second old.)
         quiet = ("streamd_frames_dropped_total", "streamd_frames_expired_total", "streamd_task_retries_total",
-                 "streamd_stages_in_process_total")  # each worker here serves one queue
+                 "streamd_stages_in_process_total",  # each worker here serves one queue
+                 "streamd_compute_slot_wait_seconds_total")  # and runs no more processes than compute slots
         queries = dashboard_queries(rate_interval="5m", topology=s.name)
 
         def empty() -> list[str]:
