@@ -123,7 +123,6 @@ class StageExecutor:
         sent = [c for c in stage.children if c not in self.in_process]
         ready: list[bool] = []
         if sent and runs:
-            self.gate.leave()  # Redis and the broker: another process computes meanwhile
             runs, inputs, ready, bad = self._store_outputs(stage, batch, runs, inputs, sent, redelivered)
             letters += bad
         self._dead_letter(batch, letters)
@@ -163,7 +162,9 @@ class StageExecutor:
                        children: Sequence[str], redelivered: bool
                        ) -> tuple[list[RunContext], list[dict[str, Any]], list[bool], list[DeadLetter]]:
         """Store the stage's exports for ``children`` and record it with their joins; returns the runs
-        kept, their values, whether each child is ready, and dead letters for runs that cannot be stored."""
+        kept, their values, whether each child is ready, and dead letters for runs that cannot be stored.
+        Gives the compute slot back first: Redis, then the broker, and another process computes meanwhile."""
+        self.gate.leave()
         runs, inputs, packed, bad = self._pack_outputs(stage, runs, inputs)
         if not runs:
             return runs, inputs, [False] * len(children), bad

@@ -29,7 +29,8 @@ import logging
 import multiprocessing
 import os
 import time
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 __all__ = ["Gate", "ComputeGate", "NO_GATE", "pool_index"]
 
@@ -45,9 +46,15 @@ class Gate(Protocol):
     def leave(self) -> None:
         """Give the slot back, if this process holds one."""
 
+    def attach(self, index: int | None) -> None:
+        """In a new pool process, before its first task: ``index`` is its pool index (None: it has none)."""
+
 
 class _NoGate:
     """Every process computes whenever it has work (one process per core, or a GPU worker)."""
+
+    def attach(self, index: int | None) -> None:
+        pass
 
     def enter(self) -> None:
         pass
@@ -66,7 +73,7 @@ class ComputeGate:
     is called in the waiting process with the seconds it waited for a slot, when it had to wait.
     """
 
-    def __init__(self, slots: int, processes: int, on_wait: Any = None) -> None:
+    def __init__(self, slots: int, processes: int, on_wait: Callable[[float], None] | None = None) -> None:
         if slots < 1:
             raise ValueError(f"a compute gate needs at least 1 slot, got {slots}")
         ctx = multiprocessing.get_context("fork")

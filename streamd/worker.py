@@ -40,7 +40,7 @@ from .runs import Batch, RunStore
 from .shutdown import start_drain_watchdog
 from .topology import Topology
 
-__all__ = ["WorkerRuntime", "build_worker_app", "run_worker", "choose_pool", "compute_slots"]
+__all__ = ["WorkerRuntime", "build_worker_app", "run_worker", "choose_pool", "compute_slots", "compute_gate"]
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +176,7 @@ def build_worker_app(topology: Topology, settings: Settings, queues: list[str],
 
     @signals.worker_process_init.connect(weak=False)
     def _init_process(**_: Any) -> None:  # prefork child: load and warm up the models now
-        if isinstance(gate, ComputeGate):
-            gate.attach(pool_index())  # gives back a slot that the process this one replaces died holding
+        gate.attach(pool_index())  # gives back a slot that the process this one replaces died holding
         try:
             runtime.executor()
         except Exception:  # noqa: BLE001 - the first task retries, then dead-letters its runs

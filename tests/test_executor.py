@@ -46,6 +46,9 @@ class RecordingGate:
         self.held = False
         self.log: list[str] = []
 
+    def attach(self, index: int | None) -> None:
+        pass
+
     def enter(self) -> None:
         if not self.held:
             self.held = True
@@ -602,6 +605,25 @@ def test_a_stage_failing_in_process_is_dispatched_to_its_queue_with_its_inputs(m
     assert h.recorded() == {2: {"left": 8, "right": 5}, 6: {"left": 24, "right": 13}}
     assert [(d.reason, d.stage) for d in h.dead.letters] == [("node_failed", "right")]
     assert h.store.in_flight(TOPIC) == 0
+
+
+def test_a_stage_failing_in_process_stores_its_inputs_without_the_slot(make, gate):
+    h = make(fail_seqs=[4], queues=("cpu", "side"))
+    h.executor.gate = gate
+    store = h.store.put_outputs_and_join
+
+    def probed(batch_id: str, stage: str, *args: Any, **kwargs: Any) -> list[bool]:
+        _probe(f"store {stage}")
+        return store(batch_id, stage, *args, **kwargs)
+
+    h.store.put_outputs_and_join = probed  # type: ignore[method-assign]
+    h.executor.run("check", h.admit([2, 4]), final_attempt=False)
+    # left stores for the join without the slot; right fails (the batch, then run by run) and check's outputs
+    # are stored for right's task without it too
+    assert [e for e in gate.log if e.startswith(("store", "enter", "leave"))] == [
+        "enter", "leave", "store left:free", "enter", "leave", "store check:free"]
+    assert not gate.held
+    assert [s for s, _ in h.calls] == ["right"]
 
 
 def test_bad_input_in_an_in_process_stage_dead_letters_only_that_run(make):
