@@ -82,14 +82,19 @@ def test_waits_for_a_slot_are_reported() -> None:
     gate.attach(0)
     gate.enter()
 
+    asking = FORK.Event()
+
     def second() -> None:
         gate.attach(1)
+        asking.set()
         gate.enter()  # waits until the parent leaves
         gate.leave()
 
     child = FORK.Process(target=second)
     child.start()
-    time.sleep(0.3)
+    assert asking.wait(10)
+    child.join(0.3)
+    assert child.is_alive()  # still waiting for the slot the parent holds
     gate.leave()
     child.join(10)
     assert child.exitcode == 0
