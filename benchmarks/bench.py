@@ -932,7 +932,10 @@ def cpu_parts(per: Mapping[str, float]) -> str:
 
 def measure_latency(system: str, prod: FrameProducer, col: Collector, frames: Frames, rate: float,
                     seconds: float, fraction: float | None, check: Callable[[], None],
-                    p99_bound_ms: float = float("inf"), meter: CpuMeter | None = None) -> LoadPoint:
+                    p99_bound_ms: float = float("inf"), meter: CpuMeter | None = None,
+                    dump: Path | None = None) -> LoadPoint:
+    """One offered-load point; with ``dump``, every frame's capture time (s from the start) and latency (ms)
+    go to that CSV, to see when in the point the slow frames came."""
     n = max(20, int(round(rate * seconds)))
     idx = frames.take(n)
     t0 = time.time()
@@ -947,6 +950,10 @@ def measure_latency(system: str, prod: FrameProducer, col: Collector, frames: Fr
     got = sorted(col.of(idx))
     warm = t0 + min(1.0, seconds / 4)
     lat = [(d - ts) * 1000 for ts, d in got if ts >= warm]
+    if dump is not None:
+        dump.parent.mkdir(parents=True, exist_ok=True)
+        dump.write_text("capture_s,latency_ms\n" + "".join(f"{ts - t0:.4f},{(d - ts) * 1000:.2f}\n"
+                                                          for ts, d in got))
     p = percentiles(lat)
     ds = sorted(d for _, d in got)
     achieved = (len(ds) - 1) / (ds[-1] - ds[0]) if len(ds) > 1 and ds[-1] > ds[0] else 0.0
@@ -1009,7 +1016,8 @@ def measure_at(kind: str, args: argparse.Namespace, services: Services, frames: 
             meter = CpuMeter(r.groups)
             meter.start()
             prof = start_profiler(r, out / f"at-{rate:g}", args)
-            point = measure_latency(kind, r.prod, r.col, frames, rate, args.load_seconds, None, r.check)
+            point = measure_latency(kind, r.prod, r.col, frames, rate, args.load_seconds, None, r.check,
+                                    dump=out / f"at-{rate:g}" / "latencies.csv")
             per = per_frame(meter.stop(), point.received)
             lines.append(f"{kind:8s} at {rate:.1f} frames/s offered: {fmt_point(point)}; CPU {own_cpu(per):.2f} ms "
                          f"per frame ({cpu_parts(per)}); machine busy "

@@ -16,6 +16,13 @@ Settings that carry streamd's delivery guarantees (see docs/reliability.md):
   publishes its root stages on a connection of its own and waits for the
   confirms off the hand-off path (:mod:`streamd.confirms`); either way the
   Kafka offset is committed only after a durable hand-off.
+* Classic queues version 2 (``x-queue-version: 2``, ``STREAMD_BROKER_QUEUE_VERSION``):
+  RabbitMQ still confirms a persistent task only once it is on disk, but a
+  version-1 queue syncs its index to disk in its own process before every
+  confirm, and holds every delivery meanwhile: on a disk whose fsync now and
+  then takes 0.2-0.7 s, each such sync stalled every stage task for as long
+  (docs/performance.md, eleventh round). :func:`declare_queues` says what to do
+  when a queue exists with other arguments.
 * JSON only (``accept_content``): a broker message is untrusted input; pickle
   is never accepted. Frame bytes never travel here, only run ids.
 * ``visibility_timeout`` (Redis broker only) longer than any task, so a
@@ -28,21 +35,25 @@ import os
 import threading
 from typing import Any
 
+from amqp.exceptions import PreconditionFailed
 from celery import Celery
 from kombu import Exchange, Queue
 from kombu.utils.uuid import uuid
 
-from .config import Settings
+from .config import Settings, redact
 from .confirms import ConfirmPipeline, Ticket
 from .dag import Stage
+from .exceptions import ConfigError, ServiceUnavailable, StreamdError
 from .runs import Batch
 from .topology import Topology
 
-__all__ = ["make_celery", "Dispatcher", "TASK_NAME", "speaks_amqp"]
+__all__ = ["make_celery", "declare_queues", "Dispatcher", "TASK_NAME", "speaks_amqp"]
 
 TASK_NAME = "streamd.stage"
 #: AMQP delivery mode of stage tasks: written to disk by RabbitMQ (Celery's default too).
 PERSISTENT = 2
+#: The queue argument that picks a RabbitMQ classic queue's implementation (3.10+; RabbitMQ 4 has only version 2).
+QUEUE_VERSION_ARG = "x-queue-version"
 #: Seconds; redelivery of a task after this long without acknowledgement (Redis broker only).
 VISIBILITY_TIMEOUT_S = 4 * 3600
 
@@ -50,7 +61,9 @@ VISIBILITY_TIMEOUT_S = 4 * 3600
 def make_celery(topology: Topology, settings: Settings) -> Celery:
     app = Celery(f"streamd-{topology.name}", broker=settings.broker_url, set_as_current=False)
     exchange = Exchange(f"streamd.{topology.name}", type="direct", durable=True)
-    queues = [Queue(topology.celery_queue(q), exchange, routing_key=topology.celery_queue(q), durable=True)
+    arguments = {QUEUE_VERSION_ARG: settings.broker_queue_version} if settings.broker_queue_version else None
+    queues = [Queue(topology.celery_queue(q), exchange, routing_key=topology.celery_queue(q), durable=True,
+                    queue_arguments=arguments)
               for q in topology.queues()]
     app.conf.update(
         task_serializer="json",
@@ -77,6 +90,33 @@ def make_celery(topology: Topology, settings: Settings) -> Celery:
         enable_utc=True,
     )
     return app
+
+
+def declare_queues(app: Celery, settings: Settings) -> None:
+    """Declare the app's exchange and queues; raise ServiceUnavailable when the broker cannot be reached, and
+    ConfigError, saying what to do, when a queue exists with other arguments (RabbitMQ refuses to declare it)."""
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=3)
+            for q in app.conf.task_queues:
+                try:
+                    q(conn.default_channel).declare()
+                except PreconditionFailed as exc:
+                    raise ConfigError(
+                        f"RabbitMQ queue {q.name!r} exists with other arguments than streamd declares "
+                        f"({exc.reply_text}). streamd declares its stage queues with "
+                        f"{QUEUE_VERSION_ARG}={settings.broker_queue_version or 'none'} "
+                        f"(STREAMD_BROKER_QUEUE_VERSION={settings.broker_queue_version}). Either set "
+                        "STREAMD_BROKER_QUEUE_VERSION to what the queue has (0: no argument) for the daemon and "
+                        f"every worker, or stop them, let the queue empty and delete it (rabbitmqctl delete_queue "
+                        f"{q.name}): it is declared again at the next start (docs/operations.md)"
+                    ) from None
+    except StreamdError:
+        raise
+    except Exception as exc:
+        raise ServiceUnavailable(
+            f"Celery broker at {redact(settings.broker_url)} is not reachable ({exc}); check STREAMD_BROKER_URL"
+        ) from None
 
 
 def speaks_amqp(app: Celery) -> bool:

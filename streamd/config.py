@@ -61,6 +61,9 @@ VARIABLES: tuple[Variable, ...] = (
              "1: keep large buffers in the heap (glibc mallopt thresholds, see streamd.memory); 0: leave malloc alone"),
     Variable("STREAMD_GC_FREEZE", "1",
              "1: processes take their start-up heap out of Python's full collections (gc.freeze, see streamd.memory)"),
+    Variable("STREAMD_BROKER_QUEUE_VERSION", "2",
+             "RabbitMQ classic queue version the stage queues are declared with (x-queue-version: 1 or 2; "
+             "0: no argument, the broker's default)"),
     Variable("STREAMD_PIPELINED_CONFIRMS", "1",
              "1: the daemon hands off without waiting for RabbitMQ's publisher confirm; the Kafka offset waits for it"),
     Variable("STREAMD_UVLOOP", "1",
@@ -141,6 +144,7 @@ class Settings:
     worker_prefetch: int = 2
     malloc_tuning: bool = True
     gc_freeze: bool = True
+    broker_queue_version: int = 2
     pipelined_confirms: bool = True
     uvloop: bool = True
     models_dir: str = ""
@@ -170,6 +174,10 @@ class Settings:
         if unknown:
             raise ConfigError(f"STREAMD_ONNX_PROVIDERS names unknown provider(s) {', '.join(unknown)}; "
                               f"use a comma-separated list of {', '.join(ONNX_PROVIDERS)}")
+        queue_version = _int(env, "STREAMD_BROKER_QUEUE_VERSION")
+        if queue_version not in (0, 1, 2):
+            raise ConfigError(f"STREAMD_BROKER_QUEUE_VERSION={queue_version}: use 2 (classic queues version 2, the "
+                              "default), 1, or 0 (declare the queues without x-queue-version)")
         return cls(
             kafka_bootstrap=_get(env, "STREAMD_KAFKA_BOOTSTRAP"),
             redis_url=_get(env, "STREAMD_REDIS_URL"),
@@ -191,6 +199,7 @@ class Settings:
             worker_prefetch=_int(env, "STREAMD_WORKER_PREFETCH", minimum=1),
             malloc_tuning=_switch(env, "STREAMD_MALLOC_TUNING"),
             gc_freeze=_switch(env, "STREAMD_GC_FREEZE"),
+            broker_queue_version=queue_version,
             pipelined_confirms=_switch(env, "STREAMD_PIPELINED_CONFIRMS"),
             uvloop=_switch(env, "STREAMD_UVLOOP"),
             models_dir=_get(env, "STREAMD_MODELS_DIR"),

@@ -69,7 +69,7 @@ import redis
 from confluent_kafka import Consumer, TopicPartition
 from kombu.exceptions import KombuError
 
-from .broker import Dispatcher, make_celery, speaks_amqp
+from .broker import Dispatcher, declare_queues, make_celery, speaks_amqp
 from .config import Settings, redact
 from .confirms import ConfirmPipeline, Ticket
 from .dag import plan
@@ -163,16 +163,7 @@ class Daemon:
     def prepare(self) -> None:
         """Create topics and broker queues; fail early with a clear message if a service is missing."""
         ensure_topics(self.settings, self.topology.all_topics())
-        try:
-            with self.celery.connection_for_write() as conn:
-                conn.ensure_connection(max_retries=3)
-                for q in self.celery.conf.task_queues:
-                    q(conn.default_channel).declare()
-        except Exception as exc:
-            raise ServiceUnavailable(
-                f"Celery broker at {redact(self.settings.broker_url)} is not reachable ({exc}); "
-                "check STREAMD_BROKER_URL"
-            ) from None
+        declare_queues(self.celery, self.settings)
         try:
             self.redis.ping()
         except redis.RedisError as exc:

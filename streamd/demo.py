@@ -286,7 +286,8 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _reset(topo: Topology, env: dict[str, str]) -> None:
-    """The demo's broker is new, so offsets restart at 0: forget an earlier demo's runs and tasks."""
+    """The demo's broker is new, so offsets restart at 0: forget an earlier demo's runs and tasks (its queues are
+    deleted: they are declared again, with what this streamd declares, when the demo starts)."""
     r = redis.Redis.from_url(env["STREAMD_REDIS_URL"])
     keys = list(r.scan_iter(f"streamd:{topo.name}:*", count=1000))
     for i in range(0, len(keys), 500):
@@ -297,7 +298,7 @@ def _reset(topo: Topology, env: dict[str, str]) -> None:
     with app.connection_for_write() as conn:
         for q in app.conf.task_queues:
             try:
-                q(conn.default_channel).purge()
+                q(conn.default_channel).delete()
             except Exception:  # noqa: BLE001 - not declared yet
                 pass
 

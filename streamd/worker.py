@@ -25,7 +25,7 @@ import redis
 from celery import Celery, signals
 from celery.exceptions import Reject
 
-from .broker import TASK_NAME, Dispatcher, make_celery
+from .broker import TASK_NAME, Dispatcher, declare_queues, make_celery
 from .config import Settings
 from .dag import in_process, plan
 from .deadletters import DeadLetter, DeadLetterSink
@@ -260,6 +260,7 @@ def run_worker(topology: Topology, settings: Settings, queues: list[str], *, poo
         settings = replace(settings, onnx_threads=threads)
     app, _ = build_worker_app(topology, settings, queues, metrics,
                               compute_gate(slots, concurrency, metrics, topology.name))
+    declare_queues(app, settings)  # fail here, saying what to do, rather than in Celery's consumer start-up
     argv = [
         "worker",
         "-Q", ",".join(topology.celery_queue(q) for q in queues),

@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 from kombu import Connection
 
-from streamd.broker import PERSISTENT, TASK_NAME, Dispatcher, make_celery
+from streamd.broker import PERSISTENT, QUEUE_VERSION_ARG, TASK_NAME, Dispatcher, declare_queues, make_celery
 from streamd.config import Settings
 from streamd.dag import plan
+from streamd.exceptions import ConfigError, ServiceUnavailable
 from streamd.nodes.base import Origin, RunContext
 from streamd.runs import Batch, run_id_for
 from streamd.topology import Topology, load
@@ -26,9 +27,7 @@ def setup(tmp_path: Path, broker_url: str) -> Iterator[tuple[Topology, Dispatche
     path, _ = make_topology(tmp_path, suffix=f"broker-{uuid.uuid4().hex[:8]}")
     topo = load(path, settings=Settings())
     app = make_celery(topo, Settings(broker_url=broker_url))
-    with app.connection_for_write() as conn:
-        for q in app.conf.task_queues:
-            q(conn.default_channel).declare()
+    declare_queues(app, Settings(broker_url=broker_url))
     dispatcher = Dispatcher(app, topo)
     yield topo, dispatcher, app
     dispatcher.close()
@@ -104,3 +103,70 @@ def test_the_app_carries_the_delivery_guarantees_and_the_prefetch_setting(tmp_pa
     assert conf.accept_content == ["json"]
     assert conf.worker_prefetch_multiplier == 2  # the running task and the next, per process
     assert make_celery(topo, Settings.from_env({"STREAMD_WORKER_PREFETCH": "1"})).conf.worker_prefetch_multiplier == 1
+
+
+def _declare_raw(broker_url: str, name: str, arguments: dict[str, Any] | None) -> str | None:
+    """Declare ``name`` durable with ``arguments`` on a connection of its own; RabbitMQ's refusal, if any."""
+    from amqp.exceptions import PreconditionFailed
+
+    with Connection(broker_url) as conn:
+        try:
+            conn.default_channel.queue_declare(name, durable=True, auto_delete=False, arguments=arguments)
+        except PreconditionFailed as exc:
+            return str(exc.reply_text)
+    return None
+
+
+def _delete_queues(app: Any) -> None:
+    with app.connection_for_write() as conn:
+        for q in app.conf.task_queues:
+            conn.default_channel.queue_delete(q.name)
+
+
+def test_stage_queues_are_classic_queues_version_2(tmp_path: Path, broker_url: str) -> None:
+    """RabbitMQ holds a version-2 queue to its arguments: declaring it as version 1 is refused (that is how a
+    queue's arguments show through AMQP), and declaring it again as streamd does is not."""
+    path, _ = make_topology(tmp_path, suffix=f"qv-{uuid.uuid4().hex[:8]}")
+    topo = load(path, settings=Settings())
+    settings = Settings(broker_url=broker_url)
+    app = make_celery(topo, settings)
+    assert all(q.queue_arguments == {QUEUE_VERSION_ARG: 2} for q in app.conf.task_queues)
+    try:
+        declare_queues(app, settings)
+        declare_queues(app, settings)  # again, at the next start: the same arguments
+        name = app.conf.task_queues[0].name
+        assert "x-queue-version" in (_declare_raw(broker_url, name, {QUEUE_VERSION_ARG: 1}) or "")
+        assert _declare_raw(broker_url, name, {QUEUE_VERSION_ARG: 2}) is None
+    finally:
+        _delete_queues(app)
+
+
+def test_a_queue_declared_with_other_arguments_is_a_clear_error(tmp_path: Path, broker_url: str) -> None:
+    """An earlier streamd declared the queue without the argument: the error names the queue, the setting and both
+    ways out; STREAMD_BROKER_QUEUE_VERSION=0 then declares it as it is."""
+    path, _ = make_topology(tmp_path, suffix=f"qv-{uuid.uuid4().hex[:8]}")
+    topo = load(path, settings=Settings())
+    settings = Settings(broker_url=broker_url)
+    app = make_celery(topo, settings)
+    name = app.conf.task_queues[0].name
+    try:
+        assert _declare_raw(broker_url, name, None) is None  # as streamd before the eleventh landing did
+        with pytest.raises(ConfigError) as err:
+            declare_queues(app, settings)
+        text = str(err.value)
+        assert name in text and "STREAMD_BROKER_QUEUE_VERSION" in text and "rabbitmqctl delete_queue" in text
+        legacy = Settings.from_env({"STREAMD_BROKER_URL": broker_url, "STREAMD_BROKER_QUEUE_VERSION": "0"})
+        old_app = make_celery(topo, legacy)
+        assert all(q.queue_arguments is None for q in old_app.conf.task_queues)
+        declare_queues(old_app, legacy)
+    finally:
+        _delete_queues(app)
+
+
+def test_an_unreachable_broker_is_service_unavailable(tmp_path: Path) -> None:
+    path, _ = make_topology(tmp_path)
+    topo = load(path, settings=Settings())
+    settings = Settings(broker_url="amqp://guest:secret@127.0.0.1:1//")
+    with pytest.raises(ServiceUnavailable) as err:
+        declare_queues(make_celery(topo, settings), settings)
+    assert "STREAMD_BROKER_URL" in str(err.value) and "secret" not in str(err.value)

@@ -26,6 +26,7 @@ def test_design_defaults():
     assert s.worker_concurrency == 0
     assert s.worker_compute_slots == 0
     assert s.worker_prefetch == 2
+    assert s.broker_queue_version == 2
     assert s.models_dir == ""
     assert s.group_id == ""
 
@@ -60,6 +61,7 @@ def test_from_env_parses_values():
         "STREAMD_WORKER_CONCURRENCY": "4",
         "STREAMD_WORKER_COMPUTE_SLOTS": "3",
         "STREAMD_WORKER_PREFETCH": "1",
+        "STREAMD_BROKER_QUEUE_VERSION": "1",
         "STREAMD_MODELS_DIR": "/models",
     })
     assert s.kafka_bootstrap == "k1:9092,k2:9092"
@@ -77,6 +79,7 @@ def test_from_env_parses_values():
     assert s.worker_concurrency == 4
     assert s.worker_compute_slots == 3
     assert s.worker_prefetch == 1
+    assert s.broker_queue_version == 1
     assert s.models_dir == "/models"
 
 
@@ -132,6 +135,8 @@ def test_from_env_reads_os_environ_by_default(monkeypatch):
         ("STREAMD_WORKER_COMPUTE_SLOTS", "-1"),
         ("STREAMD_WORKER_COMPUTE_SLOTS", "two"),
         ("STREAMD_WORKER_PREFETCH", "0"),
+        ("STREAMD_BROKER_QUEUE_VERSION", "3"),
+        ("STREAMD_BROKER_QUEUE_VERSION", "v2"),
         ("STREAMD_MALLOC_TUNING", "maybe"),
     ],
 )
