@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from amqp.exceptions import PreconditionFailed
 from kombu import Connection
 
 from streamd.broker import PERSISTENT, QUEUE_VERSION_ARG, TASK_NAME, Dispatcher, declare_queues, make_celery
@@ -31,9 +32,7 @@ def setup(tmp_path: Path, broker_url: str) -> Iterator[tuple[Topology, Dispatche
     dispatcher = Dispatcher(app, topo)
     yield topo, dispatcher, app
     dispatcher.close()
-    with app.connection_for_write() as conn:
-        for q in app.conf.task_queues:
-            q(conn.default_channel).delete()
+    _delete_queues(app)
 
 
 def _batch(topo: Topology, n: int) -> Batch:
@@ -107,8 +106,6 @@ def test_the_app_carries_the_delivery_guarantees_and_the_prefetch_setting(tmp_pa
 
 def _declare_raw(broker_url: str, name: str, arguments: dict[str, Any] | None) -> str | None:
     """Declare ``name`` durable with ``arguments`` on a connection of its own; RabbitMQ's refusal, if any."""
-    from amqp.exceptions import PreconditionFailed
-
     with Connection(broker_url) as conn:
         try:
             conn.default_channel.queue_declare(name, durable=True, auto_delete=False, arguments=arguments)
