@@ -67,6 +67,8 @@ class Demo:
         self.stop = threading.Event()
         self.truth: dict[tuple[str, int], str | None] = {}
         self.sent = 0
+        self.producer: Producer | None = None
+        self.feeder: threading.Thread | None = None
 
     # -- services ------------------------------------------------------------------
     def start_services(self) -> dict[str, str]:
@@ -139,15 +141,29 @@ class Demo:
              f"(see {self.logdir / 'daemon.log'})")
 
     # -- cameras -------------------------------------------------------------------
-    @staticmethod
-    def camera_producer(bootstrap: str) -> Producer:
+    def open_cameras(self, bootstrap: str) -> None:
         """The cameras' producer, made early: an idempotent producer first gets its producer id from the
         broker, and frames given to it before that wait (their latency would show it)."""
-        # log.connection.close: the demo stops its broker while this producer still holds an idle connection
-        p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5,
-                      "log.connection.close": False})
-        p.poll(0)
-        return p
+        self.producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5,
+                                  "log.connection.close": False})
+        self.producer.poll(0)
+
+    def play(self, topic: str) -> None:
+        assert self.producer is not None, "open_cameras first"
+        self.feeder = threading.Thread(target=self.cameras, args=(self.producer, topic), daemon=True)
+        self.feeder.start()
+
+    def close_cameras(self) -> None:
+        """Stop the feeder and destroy its producer while the broker still runs: a live producer reconnects
+        to a stopped broker and librdkafka logs each refused connection (on stderr, in the middle of the
+        summary)."""
+        self.stop.set()
+        if self.feeder is not None:
+            self.feeder.join(15)
+            self.feeder = None
+        if self.producer is not None:
+            self.producer.flush(5)
+            self.producer = None  # the last reference: librdkafka's handle is destroyed here
 
     def cameras(self, p: Producer, topic: str) -> None:
         rng = np.random.default_rng(2026)
@@ -234,7 +250,7 @@ class Demo:
         return counts
 
     def shutdown(self) -> None:
-        self.stop.set()
+        self.close_cameras()
         for _, proc in reversed(self.children):
             if proc.poll() is None:
                 try:
@@ -262,13 +278,12 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
         ensure_topics(Settings.from_env({**os.environ, **env}), topo.all_topics())
         daemon_port = demo.start_streamd(topo_path, topo, env)
         source = topo.sources[0].topic
-        producer = demo.camera_producer(env["STREAMD_KAFKA_BOOTSTRAP"])
+        demo.open_cameras(env["STREAMD_KAFKA_BOOTSTRAP"])
         _say("  waiting for the daemon to join its consumer group ...")
         t0 = time.monotonic()
         demo.wait_for_partitions(daemon_port, source)
         _say(f"  ready after {time.monotonic() - t0:.1f} s")
-        feeder = threading.Thread(target=demo.cameras, args=(producer, source), daemon=True)
-        feeder.start()
+        demo.play(source)
         limit = f"{args.frames} frames" if args.frames else "until Ctrl-C"
         _say(f"playing {args.cameras} cameras at {args.fps:g} fps each, {args.defect_rate:.0%} with defects "
              f"({limit}); anomalies appear below\n")
