@@ -22,7 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("demo", help="run the embedded demo: broker, workers, daemon and synthetic cameras")
-    d.add_argument("--frames", type=int, default=0, help="stop after this many frames (default: run until Ctrl-C)")
+    d.add_argument("--frames", type=int, default=0,
+                   help="stop after this many frames (default: run until Ctrl-C or SIGTERM)")
     d.add_argument("--cameras", type=int, default=3, help="number of synthetic cameras (default 3)")
     d.add_argument("--fps", type=float, default=10.0, help="frames per second per camera (default 10)")
     d.add_argument("--defect-rate", type=float, default=0.1, help="share of frames with a defect (default 0.1)")

@@ -8,7 +8,8 @@
    partitions (its ``streamd_kafka_assigned_partitions`` gauge);
 4. plays synthetic line cameras (:mod:`streamd.synth`) with injected defects;
 5. prints each anomaly event as it arrives, with a running count, and a summary;
-6. Ctrl-C (or ``--frames N`` reached) stops everything it started.
+6. Ctrl-C, SIGTERM or SIGHUP (or ``--frames N`` reached) stops everything it started: a demo stopped by a
+   supervisor, ``timeout`` or a closed terminal leaves no broker, worker or daemon behind.
 """
 
 from __future__ import annotations
@@ -266,7 +267,27 @@ class Demo:
         _say(f"stopped {len(self.children)} processes: " + ", ".join(f"{n} (pid {p.pid})" for n, p in self.children))
 
 
+def _stop_on_signals() -> dict[str, int]:
+    """SIGTERM and SIGHUP stop the demo as Ctrl-C does (by default they would end this process at once and
+    leave its children running); returns where the signal that stopped it is recorded."""
+    got: dict[str, int] = {}
+    if threading.current_thread() is not threading.main_thread():
+        return got  # signal handlers can only be set from the main thread
+
+    def stop(signum: int, _frame: object) -> None:
+        got["signal"] = signum
+        for s in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)  # a second one must not cut the clean-up short
+        _say(f"\n{signal.Signals(signum).name}: stopping everything the demo started")
+        raise KeyboardInterrupt
+
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, stop)
+    return got
+
+
 def run_demo(args: argparse.Namespace, settings: Settings) -> int:
+    stopped_by = _stop_on_signals()
     topo_path = Path(args.topology) if args.topology else default_topology()
     topo = load(topo_path, settings=settings)
     demo = Demo(args, settings)
@@ -297,7 +318,7 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
         _say(f"\n{demo.sent} frames sent ({counts['defects_sent']} with defects): {counts['results']} results, "
              f"{counts['anomalies']} anomalies ({counts['true']} on defective frames, {counts['false']} on clean), "
              f"{counts['dead']} dead letters")
-    return 130 if interrupted else 0
+    return 128 + stopped_by.get("signal", signal.SIGINT) if interrupted else 0
 
 
 def _reset(topo: Topology, env: dict[str, str]) -> None:

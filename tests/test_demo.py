@@ -1,11 +1,13 @@
-"""`streamd demo` with a frame limit: anomalies are printed and everything it started is stopped."""
+"""`streamd demo`: anomalies are printed, and everything it started is stopped at its frame limit or on SIGTERM."""
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -44,3 +46,39 @@ def test_demo_prints_anomalies_and_stops_what_it_started(redis_url: str, broker_
     assert len(pids) == int(stopped.group(1)) >= 4  # broker, two workers, daemon
     assert not [p for p in pids if _alive(p)]
     assert "|FAIL|rdkafka" not in text  # no librdkafka noise from the broker the demo stops under its producer
+
+
+def test_sigterm_stops_the_demo_and_everything_it_started(redis_url: str, broker_url: str) -> None:
+    """A supervisor, ``timeout`` or a closed terminal (SIGTERM, SIGHUP) stops the demo as Ctrl-C does: by
+    default the signal would end the demo at once and leave its broker, workers and daemon running."""
+    env = {**os.environ, "STREAMD_METRICS_PORT": "0", "STREAMD_REDIS_URL": redis_url, "STREAMD_BROKER_URL": broker_url}
+    proc = subprocess.Popen([sys.executable, "-m", "streamd", "demo", "--fps", "10"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    first_anomaly = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("ANOMALY #"):
+                first_anomaly.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert first_anomaly.wait(120), "".join(lines)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(90) == 128 + signal.SIGTERM, "".join(lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(10)
+    text = "".join(lines)
+    assert "SIGTERM: stopping everything the demo started" in text, text
+    stopped = re.search(r"^stopped (\d+) processes: (.*)$", text, re.M)
+    assert stopped, text
+    pids = [int(p) for p in re.findall(r"pid (\d+)", stopped.group(2))]
+    assert len(pids) == int(stopped.group(1)) >= 4
+    assert not [p for p in pids if _alive(p)]
+    assert "Traceback" not in text, text
