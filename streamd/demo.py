@@ -163,7 +163,10 @@ class Demo:
             self.feeder.join(15)
             self.feeder = None
         if self.producer is not None:
-            self.producer.flush(5)
+            # Frames still queued are of no use to a demo that stops (and with its broker gone, a flush would
+            # wait out its timeout): purge them, so that librdkafka does not warn about them either.
+            self.producer.purge()
+            self.producer.poll(0)
             self.producer = None  # the last reference: librdkafka's handle is destroyed here
 
     def cameras(self, p: Producer, topic: str) -> None:
@@ -196,7 +199,6 @@ class Demo:
                 self.sent += 1
             next_t += period
             time.sleep(max(0.0, next_t - time.monotonic()))
-        p.flush(10)
 
     # -- the show ------------------------------------------------------------------
     def watch(self, bootstrap: str, topo: Topology) -> dict[str, int]:
