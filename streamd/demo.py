@@ -26,6 +26,7 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import redis
@@ -253,6 +254,7 @@ class Demo:
         return counts
 
     def shutdown(self) -> None:
+        _on_stop_signals(signal.SIG_IGN)  # stopping already: a SIGTERM now must not cut the clean-up short
         self.close_cameras()
         for _, proc in reversed(self.children):
             if proc.poll() is None:
@@ -269,22 +271,30 @@ class Demo:
         _say(f"stopped {len(self.children)} processes: " + ", ".join(f"{n} (pid {p.pid})" for n, p in self.children))
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _on_stop_signals(handler: Any) -> bool:
+    """Set ``handler`` for SIGTERM and SIGHUP; False where that cannot be done (not the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    for s in STOP_SIGNALS:
+        signal.signal(s, handler)
+    return True
+
+
 def _stop_on_signals() -> dict[str, int]:
     """SIGTERM and SIGHUP stop the demo as Ctrl-C does (by default they would end this process at once and
     leave its children running); returns where the signal that stopped it is recorded."""
     got: dict[str, int] = {}
-    if threading.current_thread() is not threading.main_thread():
-        return got  # signal handlers can only be set from the main thread
 
     def stop(signum: int, _frame: object) -> None:
         got["signal"] = signum
-        for s in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(s, signal.SIG_IGN)  # a second one must not cut the clean-up short
+        _on_stop_signals(signal.SIG_IGN)  # a second one must not cut the clean-up short
         _say(f"\n{signal.Signals(signum).name}: stopping everything the demo started")
         raise KeyboardInterrupt
 
-    for s in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, stop)
+    _on_stop_signals(stop)
     return got
 
 

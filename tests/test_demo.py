@@ -24,11 +24,23 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _env(redis_url: str, broker_url: str) -> dict[str, str]:
+    return {**os.environ, "STREAMD_METRICS_PORT": "0", "STREAMD_REDIS_URL": redis_url, "STREAMD_BROKER_URL": broker_url}
+
+
+def _assert_all_stopped(text: str) -> None:
+    """The demo's last line names what it stopped: the broker, two workers and the daemon, all gone now."""
+    stopped = re.search(r"^stopped (\d+) processes: (.*)$", text, re.M)
+    assert stopped, text
+    pids = [int(p) for p in re.findall(r"pid (\d+)", stopped.group(2))]
+    assert len(pids) == int(stopped.group(1)) >= 4  # broker, two workers, daemon
+    assert not [p for p in pids if _alive(p)]
+
+
 def test_demo_prints_anomalies_and_stops_what_it_started(redis_url: str, broker_url: str) -> None:
-    env = {**os.environ, "STREAMD_METRICS_PORT": "0", "STREAMD_REDIS_URL": redis_url, "STREAMD_BROKER_URL": broker_url}
     out = subprocess.run(
         [sys.executable, "-m", "streamd", "demo", "--frames", "60", "--fps", "10", "--defect-rate", "0.2"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO, env=_env(redis_url, broker_url), capture_output=True, text=True, timeout=300,
     )
     text = out.stdout + out.stderr
     assert out.returncode == 0, text
@@ -40,19 +52,15 @@ def test_demo_prints_anomalies_and_stops_what_it_started(redis_url: str, broker_
     assert [int(n) for n, _ in anomalies] == list(range(1, len(anomalies) + 1))  # a running count
     summary = re.search(r"^60 frames sent \((\d+) with defects\): 60 results, (\d+) anomalies", out.stdout, re.M)
     assert summary, text
-    stopped = re.search(r"^stopped (\d+) processes: (.*)$", out.stdout, re.M)
-    assert stopped, text
-    pids = [int(p) for p in re.findall(r"pid (\d+)", stopped.group(2))]
-    assert len(pids) == int(stopped.group(1)) >= 4  # broker, two workers, daemon
-    assert not [p for p in pids if _alive(p)]
+    _assert_all_stopped(text)
     assert "|FAIL|rdkafka" not in text  # no librdkafka noise from the broker the demo stops under its producer
 
 
 def test_sigterm_stops_the_demo_and_everything_it_started(redis_url: str, broker_url: str) -> None:
     """A supervisor, ``timeout`` or a closed terminal (SIGTERM, SIGHUP) stops the demo as Ctrl-C does: by
     default the signal would end the demo at once and leave its broker, workers and daemon running."""
-    env = {**os.environ, "STREAMD_METRICS_PORT": "0", "STREAMD_REDIS_URL": redis_url, "STREAMD_BROKER_URL": broker_url}
-    proc = subprocess.Popen([sys.executable, "-m", "streamd", "demo", "--fps", "10"], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "streamd", "demo", "--fps", "10"], cwd=REPO,
+                            env=_env(redis_url, broker_url),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     first_anomaly = threading.Event()
@@ -76,9 +84,5 @@ def test_sigterm_stops_the_demo_and_everything_it_started(redis_url: str, broker
     reader.join(10)
     text = "".join(lines)
     assert "SIGTERM: stopping everything the demo started" in text, text
-    stopped = re.search(r"^stopped (\d+) processes: (.*)$", text, re.M)
-    assert stopped, text
-    pids = [int(p) for p in re.findall(r"pid (\d+)", stopped.group(2))]
-    assert len(pids) == int(stopped.group(1)) >= 4
-    assert not [p for p in pids if _alive(p)]
+    _assert_all_stopped(text)
     assert "Traceback" not in text, text
